@@ -1,0 +1,38 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+MPIEXEC = VENV_BIN / "mpiexec"
+PAYLOAD = ROOT / "build" / "native" / "payload"
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def mpi_env(**extra) -> dict:
+    """Environment for child mpiexec runs: fork launcher, no busy-polling progress engine."""
+    env = dict(os.environ)
+    env.update(
+        HYDRA_LAUNCHER="fork",
+        MPIR_CVAR_CH4_PROGRESS_THROTTLE="1",
+        MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT="1",
+        PATH=f"{VENV_BIN}:{env.get('PATH', '')}",
+    )
+    env.update(extra)
+    return env
