@@ -1,0 +1,160 @@
+"""A node's agent: runs the attempts the master sends, watches them, reports back.
+
+:class:`Agent` is the non-blocking core (used in-process by a one-rank master too);
+:func:`run_agent` is the loop of an agent rank. While attempts run, the loop waits on their
+pidfds (a finished task wakes it at once) and probes the transport between waits with the
+transport's back-off; when idle it only polls the transport.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import time
+
+from pilot.events import Failure, TaskFinished
+from pilot.nodes import NodeInfo
+from pilot.protocol import ALL_TASKS, Hello, Interrupted, Kill, RunTask, Shutdown
+from pilot.runner import ProcessTable, Runner, WatchConfig
+from pilot.transport import Backoff, Transport
+
+log = logging.getLogger("pilot.agent")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+IDLE_POLL_S = 0.25   # how often an idle loop looks at signals (the transport sleeps in between)
+
+
+class Signals:
+    """Remembers the first stop signal (SIGTERM, SIGINT, SIGUSR1) caught by this process."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def install(self) -> "Signals":
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._catch)
+        return self
+
+    def _catch(self, signum, _frame) -> None:
+        if not self.signum:
+            self.signum = signum
+
+
+class Agent:
+    """Runs attempts on one node; results go out through ``send(message)``."""
+
+    def __init__(self, send, watch: WatchConfig = WatchConfig()):
+        self.send = send
+        self.watch = watch
+        self.runners: dict[tuple[int, int], Runner] = {}
+        self.stopped = False
+        self._next_sample = 0.0
+
+    def handle(self, message) -> None:
+        """Act on a message from the master."""
+        if isinstance(message, RunTask):
+            self._start(message)
+        elif isinstance(message, Kill):
+            self.kill(message.task, message.attempt, message.failure)
+        elif isinstance(message, Shutdown):
+            self.kill(ALL_TASKS, 0, Failure.INTERRUPTED, hard=True)
+            self.stopped = True
+        else:
+            log.warning("agent ignores %r", message)
+
+    def _start(self, run: RunTask) -> None:
+        runner = Runner(run, self.watch)
+        result = runner.start()
+        if isinstance(result, TaskFinished):
+            self.send(result)
+            return
+        self.runners[(run.task, run.attempt)] = runner
+        self.send(result)
+
+    def kill(self, task: int, attempt: int, failure: Failure, hard: bool = False) -> None:
+        """Kill one attempt, or every running attempt when ``task == ALL_TASKS``."""
+        for (t, a), runner in self.runners.items():
+            if task == ALL_TASKS or (t == task and (attempt == 0 or a == attempt)):
+                runner.kill(failure, hard=hard)
+
+    def step(self) -> bool:
+        """Watch memory and time, report finished attempts; True if any attempt ended."""
+        now = time.monotonic()
+        if self.runners and now >= self._next_sample:
+            self._sample()
+            self._next_sample = now + self.watch.sample_interval
+        for runner in self.runners.values():
+            runner.check_time(now)
+        ended = False
+        for key in self._exited():
+            result = self.runners[key].poll()
+            if result is not None:
+                del self.runners[key]
+                self.send(result)
+                ended = True
+        return ended
+
+    def _exited(self) -> list[tuple[int, int]]:
+        """Attempts whose main process has ended (their pidfd is readable): one syscall for all."""
+        if not self.runners:
+            return []
+        by_fd = {runner.pidfd: key for key, runner in self.runners.items()}
+        readable, _, _ = select.select(list(by_fd), [], [], 0)
+        return [by_fd[fd] for fd in readable]
+
+    def _sample(self) -> None:
+        table = ProcessTable.scan()
+        for runner in self.runners.values():
+            runner.observe(table.rss_mb(runner.pid, runner.pid))
+
+    def wait(self, timeout: float) -> None:
+        """Sleep up to ``timeout`` s, waking as soon as an attempt ends or a check is due."""
+        if not self.runners:
+            time.sleep(max(0.0, timeout))
+            return
+        due = [self._next_sample] + [d for r in self.runners.values() if (d := r.next_deadline)]
+        timeout = max(0.0, min(timeout, min(due) - time.monotonic()))
+        fds = [r.pidfd for r in self.runners.values() if r.pidfd >= 0]
+        if timeout > 0:
+            select.select(fds, [], [], timeout)
+
+
+def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchConfig(),
+              signals: Signals | None = None) -> int:
+    """The loop of an agent rank: say Hello, then run what the master sends until Shutdown."""
+    agent = Agent(lambda message: transport.send(0, message), watch)
+    transport.send(0, Hello(transport.rank, info.name, info.memory_mb, info.cores, os.getpid()))
+    backoff = Backoff()
+    code = 0
+    while not agent.stopped:
+        item = transport.poll(0.0 if agent.runners else IDLE_POLL_S)
+        if item is not None:
+            agent.handle(item[1])
+            code = item[1].code if isinstance(item[1], Shutdown) else code
+            backoff.activity()
+        _forward_signal(agent, transport, signals)
+        if agent.step():
+            backoff.activity()
+        elif item is None and agent.runners:
+            agent.wait(backoff.next_delay())
+    _finish(agent)
+    transport.close()
+    return code
+
+
+def _forward_signal(agent: Agent, transport: Transport, signals: Signals | None) -> None:
+    if signals is not None and signals.signum:
+        log.warning("rank %d caught signal %d: interrupting its tasks", transport.rank, signals.signum)
+        agent.kill(ALL_TASKS, 0, Failure.INTERRUPTED)
+        transport.send(0, Interrupted(transport.rank, signals.signum))
+        signals.signum = 0
+
+
+def _finish(agent: Agent, grace: float = 5.0) -> None:
+    """Reap attempts still running at shutdown (they were killed with SIGKILL)."""
+    agent.send = lambda message: None   # the master is gone: nobody to report to
+    deadline = time.monotonic() + grace
+    while agent.runners and time.monotonic() < deadline:
+        if not agent.step():
+            agent.wait(0.01)

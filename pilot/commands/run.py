@@ -1,0 +1,71 @@
+"""``pilot run``: execute a workflow across the MPI ranks (rank 0 master, other ranks agents)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from pilot.errors import UserError
+
+NAME = "run"
+HELP = "run a workflow under mpiexec/srun (rank 0 schedules, other ranks run tasks); resumes from CKPT"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("file", help="workflow file (YAML)")
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint file (HDF5)")
+    parser.add_argument("--node-memory", type=int, metavar="MB", help="memory of each node for tasks")
+    parser.add_argument("--node-cores", type=int, metavar="C", help="cores of each node for tasks")
+    parser.add_argument("--node-per-rank", action="store_true",
+                        help="every agent rank is a node of its own (emulate several nodes on one host)")
+    parser.add_argument("--walltime", type=float, metavar="SECONDS",
+                        help="drain and exit 3 before this many seconds (default: the Slurm job's end)")
+    parser.add_argument("--max-failures", type=int, metavar="N", help="stop launching after N failed tasks")
+    parser.add_argument("--log-dir", metavar="DIR", help="task logs (default: CKPT.logs beside the checkpoint)")
+    parser.add_argument("--retry-failed", action="store_true", help="run failed tasks of CKPT again")
+    parser.add_argument("--progress-interval", type=float, default=30.0, metavar="SECONDS",
+                        help="seconds between progress lines in the log (default 30)")
+    parser.add_argument("--memory-tolerance", type=float, default=1.10, metavar="X",
+                        help="kill a task above X times its memory request (default 1.10)")
+    parser.add_argument("--memory-interval", type=float, default=0.5, metavar="SECONDS",
+                        help="seconds between memory samples of running tasks (default 0.5)")
+
+
+def run(args) -> int:
+    from pilot.agent import Signals, run_agent
+    from pilot.master import RunConfig, master_main
+    from pilot.nodes import local_node, run_deadline
+    from pilot.runner import WatchConfig
+    from pilot.transport import MPITransport, guarded
+
+    _check(args)
+    transport = MPITransport()
+    _configure_logging(transport.rank)
+    signals = Signals().install()
+    info = local_node(args.node_memory, args.node_cores, per_rank=args.node_per_rank, rank=transport.rank)
+    watch = WatchConfig(tolerance=args.memory_tolerance, sample_interval=args.memory_interval)
+    if transport.rank != 0:
+        return guarded(transport, run_agent, transport, info, watch, signals)
+    config = RunConfig(
+        workflow=args.file, checkpoint=args.checkpoint,
+        logdir=args.log_dir or f"{args.checkpoint}.logs", max_failures=args.max_failures,
+        retry_failed=args.retry_failed, deadline=run_deadline(args.walltime),
+        progress_interval=args.progress_interval, watch=watch)
+    return guarded(transport, master_main, transport, config, info, signals, expected=(UserError,))
+
+
+def _check(args) -> None:
+    for name in ("node_memory", "node_cores", "walltime", "max_failures"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.memory_tolerance < 1.0:
+        raise UserError(f"--memory-tolerance must be at least 1.0, got {args.memory_tolerance}")
+    if not os.path.exists(args.file):
+        raise UserError(f"{args.file}: no such workflow file")
+
+
+def _configure_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s rank {rank} %(levelname)s %(message)s")

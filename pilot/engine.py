@@ -1,0 +1,363 @@
+"""The pure state machine: task states, readiness, retries, memory scaling, failure
+propagation. No MPI, no HDF5.
+
+:meth:`Engine.handle` is the only way state changes during a run: it takes an event
+(:mod:`pilot.events`), applies it, asks the policy for placements and returns the
+``Launch`` actions; every listener's ``record(event, transitions)`` is called after.
+States, attempts, memory requests and nodes are numpy arrays (read-only to others).
+See docs/scheduling.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pilot.engine_cluster import Cluster
+from pilot.engine_retry import next_attempt
+from pilot.engine_states import ALLOWED, IllegalTransition, TransitionLog
+from pilot.events import (Drain, Failure, Launch, NodeLost, Schedule, State, TaskFinished,
+                          TaskStarted)
+from pilot.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+
+P, R, L, U, D, F, X = (int(s) for s in State)
+_ACTIVE = (L, U)
+
+
+class Engine:
+    """Task states for one graph on a set of nodes; see the module docstring."""
+
+    def __init__(self, graph, nodes, policy=None, *, max_failures=None, runtime_estimates=None):
+        from pilot.policy import DefaultPolicy
+
+        n = graph.size
+        self.graph, self.nodes = graph, list(nodes)
+        self.state = np.full(n, P, dtype=np.int8)
+        self.attempts = np.zeros(n, dtype=np.int32)
+        self.memory_request = graph.memory_mb.astype(np.int64, copy=True)
+        self.node_of = np.full(n, -1, dtype=np.int32)
+        self.start_time = np.full(n, np.nan)
+        self.ooms = np.zeros(n, dtype=np.int16)
+        self.listeners: list = []
+        self.max_failures = max_failures
+        self.cluster = Cluster(self.nodes, self.memory_request, graph.cpus, graph.label,
+                               len(graph.labels))
+        self._waiting = np.diff(graph.parent_ptr).astype(np.int32)
+        self._child_ptr = graph.child_ptr.tolist()
+        self._labels = graph.label.tolist()
+        self._count = [0] * len(State)
+        self._count[P] = n
+        self._log = TransitionLog()
+        self._trans: list = []
+        self._events = 0
+        self._drained = self._stalled = False
+        self._init_labels(runtime_estimates)
+        self.policy = policy if policy is not None else DefaultPolicy()
+        self.policy.attach(graph, self.cluster)
+        self._promote(np.flatnonzero(self._waiting == 0), 0.0)
+        self._trans.clear()
+
+    # ---- set-up -------------------------------------------------------------------
+
+    def _init_labels(self, runtime_estimates) -> None:
+        g, k = self.graph, len(self.graph.labels)
+        for name, limit in g.concurrency_limit.items():
+            if name in g.labels:
+                self.cluster.label_limit[g.labels.index(name)] = int(limit)
+        self._est_sum = [0.0] * k
+        self._est_count = [0] * k
+        self._est_prior = np.full(k, np.nan)
+        if isinstance(runtime_estimates, dict):
+            for name, seconds in runtime_estimates.items():
+                if name in g.labels:
+                    self._est_prior[g.labels.index(name)] = float(seconds)
+        elif runtime_estimates is not None:
+            self._est_prior[:] = np.asarray(runtime_estimates, dtype=np.float64)
+        self._refresh_estimates()
+
+    def _refresh_estimates(self) -> None:
+        total, count = np.array(self._est_sum), np.array(self._est_count)
+        learned = np.divide(total, count, out=np.full(len(total), np.nan), where=count > 0)
+        est = np.where(np.isnan(learned), self._est_prior, learned)
+        known = est[~np.isnan(est)]
+        self._fill_needed = known.size < est.size
+        self.cluster.label_estimate[:] = np.where(np.isnan(est), known.mean() if known.size else 1.0, est)
+
+    def label_estimates(self) -> dict[str, float]:
+        """Current per-label runtime estimate in seconds (learned, else given, else a fill)."""
+        return dict(zip(self.graph.labels, self.cluster.label_estimate.tolist()))
+
+    def restore(self, state, attempts, memory_request) -> list:
+        """Start from a checkpoint, before the first event: done stays done, failed and
+        dep_fail stay, everything else becomes pending or ready from its parents."""
+        if self._events:
+            raise RuntimeError("restore() must come before the first event")
+        old = np.asarray(state, dtype=np.int8)
+        was_active = np.isin(old, _ACTIVE)
+        self.attempts[:] = np.asarray(attempts, dtype=np.int32) - was_active  # interrupted: not counted
+        self.memory_request[:] = np.asarray(memory_request, dtype=np.int64)
+        self.ooms[:] = self._ooms_from_request()
+        keep = np.isin(old, (D, F, X))
+        self.state[:] = np.where(keep, old, P)
+        return self._rebuild()
+
+    def reset_failed(self) -> list:
+        """--retry-failed: failed and dep_fail tasks back to pending with fresh attempts."""
+        tasks = np.flatnonzero(np.isin(self.state, (F, X)))
+        for t in tasks:
+            self._move(int(t), P, 0.0)
+        self.attempts[tasks] = 0
+        self.ooms[tasks] = 0
+        self.memory_request[tasks] = self.graph.memory_mb[tasks]
+        return self._rebuild()
+
+    def _ooms_from_request(self) -> np.ndarray:
+        g = self.graph
+        ratio = np.maximum(self.memory_request, 1) / np.maximum(g.memory_mb, 1)
+        mult = np.where(g.memory_multiplier > 1, g.memory_multiplier, 2.0)
+        n = np.where(ratio > 1, np.ceil(np.log(ratio) / np.log(mult) - 1e-9), 0)
+        return np.where(g.memory_multiplier > 1, n, 0).astype(np.int16)
+
+    def _rebuild(self) -> list:
+        self._waiting[:] = parents_not_done(self.graph, self.state)
+        self.state[(self.state == R)] = P
+        self._count = np.bincount(self.state, minlength=len(State)).tolist()
+        self.policy.attach(self.graph, self.cluster)
+        self._trans = []
+        self._promote(np.flatnonzero((self._waiting == 0) & (self.state == P)), 0.0)
+        made, self._trans = self._trans, []
+        return [(t, State(a), State(b)) for t, a, b in made]
+
+    def set_deadline(self, deadline: float, margin_s: float = 0.0) -> None:
+        """Launch nothing whose expected end (now + label estimate) passes deadline - margin."""
+        self.cluster.latest_end = float(deadline) - float(margin_s)
+
+    # ---- the one entry point ------------------------------------------------------
+
+    def handle(self, event) -> list[Launch]:
+        """Apply ``event``; return the launches the policy chose; notify listeners."""
+        self._events += 1
+        self._trans = []
+        kind = type(event)
+        if kind is TaskFinished:
+            self._finished(event)
+        elif kind is TaskStarted:
+            self._started(event)
+        elif kind is NodeLost:
+            self._node_lost(event)
+        elif kind is Drain:
+            self._drained = True
+        elif kind is not Schedule:
+            raise TypeError(f"not an engine event: {event!r}")
+        launches = [] if kind is Drain or kind is TaskStarted else self._dispatch(event_time(event))
+        if self.listeners:
+            made = [(t, State(a), State(b)) for t, a, b in self._trans]
+            for listener in self.listeners:
+                listener.record(event, made)
+        return launches
+
+    # ---- events -------------------------------------------------------------------
+
+    def _current(self, event) -> bool:
+        """False for a message about an earlier attempt or another node (ignored). A
+        current message about a task in the wrong state reaches ``_move`` and raises."""
+        t = event.task
+        return (0 <= t < len(self.state) and event.attempt == self.attempts[t]
+                and event.node == self.node_of[t] >= 0)
+
+    def _started(self, event: TaskStarted) -> None:
+        if not self._current(event):
+            return
+        self._move(event.task, U, event.time)
+        self.start_time[event.task] = event.time
+        self.cluster.set_start(event.task, event.time)
+
+    def _finished(self, event: TaskFinished) -> None:
+        if not self._current(event):
+            return
+        t = event.task
+        if self.cluster.is_active(t):
+            self.cluster.release(t)
+            self.policy.released(t, event.node)
+        if event.failure == Failure.NONE:
+            self._succeeded(t, event)
+            return
+        verdict, memory = next_attempt(self, t, event)
+        if verdict == "uncounted":
+            self.attempts[t] -= 1
+        if verdict == "fail":
+            self._fail(t, event.end)
+            return
+        if memory is not None:
+            self.ooms[t] += 1
+            self.memory_request[t] = memory
+        self._move(t, R, event.end)
+        self.node_of[t] = -1
+        self.policy.add(np.array([t]), self.memory_request)
+
+    def _succeeded(self, t: int, event: TaskFinished) -> None:
+        self._move(t, D, event.end)
+        label = self._labels[t]
+        self._est_sum[label] += max(event.end - event.start, 0.0)
+        self._est_count[label] += 1
+        self._refresh_label(label)
+        a, b = self._child_ptr[t], self._child_ptr[t + 1]
+        if b - a > 8:
+            kids = self.graph.child_idx[a:b]
+            self._waiting[kids] -= 1
+            self._promote(kids[self._waiting[kids] == 0], event.end)
+        elif b > a:
+            waiting, free = self._waiting, []
+            for k in self.graph.child_idx[a:b].tolist():
+                waiting[k] -= 1
+                if waiting[k] == 0:
+                    free.append(k)
+            if free:
+                self._promote(np.array(free, dtype=np.int64), event.end)
+
+    def _refresh_label(self, label: int) -> None:
+        if self._fill_needed:
+            self._refresh_estimates()  # unknown labels take the mean of the known ones
+        else:
+            self.cluster.label_estimate[label] = self._est_sum[label] / self._est_count[label]
+
+    def _fail(self, t: int, now: float) -> None:
+        """``t`` failed for good: it and, level by level over the CSR, every descendant
+        not already dep_fail (all pending, since ``t`` never finished) become dep_fail."""
+        self._move(t, F, now)
+        frontier = np.array([t], dtype=np.int64)
+        while frontier.size:
+            kids = _children_of(self.graph, frontier)
+            kids = kids[self.state[kids] != X]
+            bad = kids[self.state[kids] != P]
+            if bad.size:
+                self._move(int(bad[0]), X, now)  # raises, with that task's history
+            self.state[kids] = X
+            self._count[P] -= kids.size
+            self._count[X] += kids.size
+            self._log.extend(kids, P, X, now)
+            if self.listeners:
+                self._trans.extend((int(k), P, X) for k in kids)
+            frontier = kids
+
+    def _node_lost(self, event: NodeLost) -> None:
+        if not (0 <= event.node < self.cluster.size) or not self.cluster.alive[event.node]:
+            return
+        for t in self.cluster.lose(event.node):
+            t = int(t)
+            self.policy.released(t, event.node)
+            self.attempts[t] -= 1  # a lost attempt does not count
+            self._move(t, R, event.time)
+            self.node_of[t] = -1
+            self.policy.add(np.array([t]), self.memory_request)
+
+    # ---- launching ----------------------------------------------------------------
+
+    @property
+    def stopped(self) -> bool:
+        """True once nothing new will be launched (drained or too many failures)."""
+        return self._drained or (self.max_failures is not None and self._count[F] >= self.max_failures)
+
+    def _dispatch(self, now: float) -> list[Launch]:
+        if self.stopped:
+            return []
+        launches = [self._launch(t, node, now) for t, node in self.policy.select(self.cluster, now)]
+        idle = self.cluster.n_active == 0 and self._count[R] > 0
+        self._stalled = idle and not launches
+        return launches
+
+    def _launch(self, t: int, node: int, now: float) -> Launch:
+        g, c = self.graph, self.cluster
+        memory, cpus = int(self.memory_request[t]), int(g.cpus[t])
+        if memory > c.free_memory[node] or cpus > c.free_cores[node] or not c.alive[node]:
+            raise RuntimeError(f"policy over-committed node {node} with task {t}")
+        self._move(t, L, now)
+        self.attempts[t] += 1
+        self.node_of[t] = node
+        self.start_time[t] = now
+        c.place(t, node, memory, cpus, self._labels[t], now)
+        return Launch(task=t, attempt=int(self.attempts[t]), node=node, memory_mb=memory, cpus=cpus)
+
+    def _promote(self, tasks: np.ndarray, now: float) -> None:
+        """PENDING -> READY for ``tasks`` (all parents done) and hand them to the policy."""
+        if len(tasks) == 1:
+            t = int(tasks[0])
+            if self.state[t] == P:
+                self._move(t, R, now)
+                self.policy.add(tasks, self.memory_request)
+            return
+        tasks = tasks[self.state[tasks] == P]
+        if not tasks.size:
+            return
+        self.state[tasks] = R
+        self._count[P] -= tasks.size
+        self._count[R] += tasks.size
+        self._log.extend(tasks, P, R, now)
+        if self.listeners:
+            self._trans.extend((int(t), P, R) for t in tasks)
+        self.policy.add(tasks, self.memory_request)
+
+    def _move(self, t: int, new: int, now: float) -> None:
+        old = int(self.state[t])
+        if (old, new) not in ALLOWED:
+            raise IllegalTransition(t, self.graph.ids[t], old, new, self._log.history(t))
+        self.state[t] = new
+        self._count[old] -= 1
+        self._count[new] += 1
+        self._log.append(t, old, new, now)
+        self._trans.append((t, old, new))
+
+    # ---- outcome ------------------------------------------------------------------
+
+    def history(self, task: int) -> list[tuple[float, State, State]]:
+        """(time, old, new) for every transition ``task`` made."""
+        return [(tm, State(a), State(b)) for tm, a, b in self._log.history(task)]
+
+    def counts(self) -> dict[State, int]:
+        return {s: self._count[s] for s in State}
+
+    @property
+    def finished(self) -> bool:
+        """Nothing running and nothing more will be launched."""
+        if self.cluster.n_active:
+            return False
+        return self.stopped or self._count[R] == 0 or self._stalled
+
+    def exit_code(self) -> int:
+        """0 all done; 3 work left after a drain, the deadline or with no node able to run
+        it (resubmit); 1 some task failed or was skipped, or max_failures stopped the run."""
+        c = self._count
+        left = c[P] + c[R] + c[L] + c[U]
+        if left and (self._drained or self._stalled):
+            return EXIT_INTERRUPTED
+        if left or c[F] or c[X]:
+            return EXIT_FAILED
+        return EXIT_OK
+
+    def validate(self) -> None:
+        """Check the invariants; raises AssertionError naming the first one broken."""
+        from pilot.engine_check import validate_engine
+
+        validate_engine(self)
+
+
+def event_time(event) -> float:
+    """The time an event happened (its end for a finished attempt)."""
+    return event.end if type(event) is TaskFinished else event.time
+
+
+def _children_of(graph, tasks: np.ndarray) -> np.ndarray:
+    """Sorted distinct children of ``tasks`` (CSR rows gathered in numpy)."""
+    starts, ends = graph.child_ptr[tasks], graph.child_ptr[tasks + 1]
+    counts = ends - starts
+    if not counts.sum():
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.repeat(starts - (np.cumsum(counts) - counts), counts)
+    return np.unique(graph.child_idx[np.arange(int(counts.sum())) + offsets])
+
+
+def parents_not_done(graph, state: np.ndarray) -> np.ndarray:
+    """Per task, how many of its parents are not DONE."""
+    n = graph.size
+    child_of_edge = np.repeat(np.arange(n), np.diff(graph.parent_ptr))
+    not_done = (state[graph.parent_idx] != D).astype(np.int64)
+    return np.bincount(child_of_edge, weights=not_done, minlength=n).astype(np.int32)

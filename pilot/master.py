@@ -1,0 +1,302 @@
+"""Rank 0's loop: events in from agents, launches out to them, until the engine is finished.
+
+Nodes: every agent rank says :class:`~pilot.protocol.Hello` with its node's name, memory and
+cores; ranks with the same node name form one engine node and share its budget (the engine
+never places more than the node holds; the master hands each launch to the rank of that node
+with the fewest running attempts). With one rank the master runs tasks itself through an
+in-process :class:`~pilot.agent.Agent`.
+
+Stopping: a stop signal (on rank 0, or reported by an agent) or the wall-time margin sends
+``Drain`` to the engine and ``Kill`` to every agent; the killed attempts come back as
+``Failure.INTERRUPTED`` and the run ends with the engine's exit code (3 with work left).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from pilot.agent import Agent, Signals
+from pilot.errors import EXIT_INTERRUPTED, EXIT_USAGE
+from pilot.events import Drain, Failure, Node, Schedule, State, TaskFinished, TaskStarted
+from pilot.graph import Graph
+from pilot.protocol import ALL_TASKS, Hello, Interrupted, Kill, RunTask, Shutdown
+from pilot.runner import WatchConfig, log_path
+from pilot.transport import Backoff, Transport
+
+log = logging.getLogger("pilot.master")
+IDLE_POLL_S = 0.25     # the loop looks at signals, deadline, progress and checkpoint this often
+DRAIN_TIMEOUT_S = 8.0  # after a drain, give agents this long to report their killed attempts
+HELLO_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class MasterOptions:
+    """How the master runs: log folder, progress interval (s), wall-time deadline (epoch s)."""
+
+    logdir: str
+    progress_interval: float = 30.0
+    deadline: float | None = None
+    margin_s: float = 60.0
+
+
+def gather_hellos(transport: Transport, count: int, timeout: float = HELLO_TIMEOUT_S) -> list[Hello]:
+    """Wait for a Hello from each of ``count`` agent ranks, in rank order."""
+    hellos: dict[int, Hello] = {}
+    deadline = time.monotonic() + timeout
+    while len(hellos) < count:
+        item = transport.poll(max(0.0, deadline - time.monotonic()))
+        if item is None:
+            missing = sorted(set(range(1, count + 1)) - set(hellos))
+            raise RuntimeError(f"no Hello from ranks {missing} after {timeout:.0f} s")
+        if isinstance(item[1], Hello):
+            hellos[item[0]] = item[1]
+    return [hellos[r] for r in sorted(hellos)]
+
+
+def group_nodes(hellos: list[Hello]) -> tuple[list[Node], list[list[int]]]:
+    """Engine nodes from agents' Hellos (one node per distinct name) and each node's ranks."""
+    index: dict[str, int] = {}
+    nodes: list[Node] = []
+    ranks: list[list[int]] = []
+    for hello in sorted(hellos, key=lambda h: h.rank):
+        if hello.node not in index:
+            index[hello.node] = len(nodes)
+            nodes.append(Node(hello.node, hello.memory_mb, hello.cores))
+            ranks.append([])
+        ranks[index[hello.node]].append(hello.rank)
+    return nodes, ranks
+
+
+def progress_line(engine, nodes: list[Node]) -> str:
+    """``done/total running failed``, nodes busy and memory in use, on one line."""
+    state = engine.state
+    running = (state == State.LAUNCHED) | (state == State.RUNNING)
+    busy = len(np.unique(engine.node_of[running])) if running.any() else 0
+    used = int(engine.memory_request[running].sum())
+    total = sum(n.memory_mb for n in nodes)
+    counts = np.bincount(state, minlength=len(State))
+    return (f"progress: done {counts[State.DONE]}/{len(state)} running {int(running.sum())} "
+            f"ready {counts[State.READY]} failed {counts[State.FAILED]} "
+            f"dep_fail {counts[State.DEP_FAIL]} | nodes busy {busy}/{len(nodes)} "
+            f"| memory {used}/{total} MB")
+
+
+class Master:
+    """Drives one engine with the agents behind ``transport`` (and an optional local agent)."""
+
+    def __init__(self, transport: Transport, graph: Graph, engine, nodes: list[Node],
+                 node_ranks: list[list[int]], options: MasterOptions, *, local_watch: WatchConfig | None = None,
+                 checkpoint=None, signals: Signals | None = None, clock=time.time):
+        self.transport, self.graph, self.engine = transport, graph, engine
+        self.nodes, self.node_ranks, self.options = nodes, node_ranks, options
+        self.checkpoint = checkpoint
+        self.signals = signals
+        self.clock = clock
+        self.inbox: collections.deque = collections.deque()   # messages from the local agent
+        self.local = Agent(self.inbox.append, local_watch) if local_watch is not None else None
+        self.load = collections.Counter()                     # rank -> running attempts
+        self.rank_of: dict[tuple[int, int], int] = {}         # (task, attempt) -> rank
+        self.drained_at: float | None = None
+        self.backoff = Backoff()
+        self._next_progress = time.monotonic() + options.progress_interval
+
+    # -- the loop --
+
+    def run(self) -> int:
+        """Run until the engine is finished (or a drain times out); the engine's exit code."""
+        self._dispatch(self.engine.handle(Schedule(self.clock())))
+        while not self.engine.finished:
+            item = self._next_message()
+            if item is not None:
+                self._on_message(*item)
+            self._housekeeping()
+            if self._drain_expired():
+                log.error("agents did not report their killed tasks within %.0f s", DRAIN_TIMEOUT_S)
+                break
+        log.info("%s", progress_line(self.engine, self.nodes))
+        return self.engine.exit_code()
+
+    def _next_message(self):
+        if self.inbox:
+            return 0, self.inbox.popleft()
+        if self.local is None or not self.local.runners:
+            return self.transport.poll(IDLE_POLL_S)
+        if self.local.step():
+            self.backoff.activity()
+            return (0, self.inbox.popleft()) if self.inbox else None
+        item = self.transport.poll(0.0)
+        if item is None:
+            self.local.wait(self.backoff.next_delay())
+        return item
+
+    def _housekeeping(self) -> None:
+        now = self.clock()
+        if self.signals is not None and self.signals.signum and self.drained_at is None:
+            self.drain(f"signal {self.signals.signum}")
+        deadline = self.options.deadline
+        if deadline is not None and self.drained_at is None and now >= deadline - self.options.margin_s:
+            self.drain("wall time")
+        if time.monotonic() >= self._next_progress:
+            log.info("%s", progress_line(self.engine, self.nodes))
+            self._next_progress = time.monotonic() + self.options.progress_interval
+        if self.checkpoint is not None:
+            self.checkpoint.tick(now)
+
+    def _drain_expired(self) -> bool:
+        return self.drained_at is not None and time.monotonic() - self.drained_at > DRAIN_TIMEOUT_S
+
+    # -- messages --
+
+    def _on_message(self, source: int, message) -> None:
+        if isinstance(message, TaskStarted):
+            self._dispatch(self.engine.handle(message))
+        elif isinstance(message, TaskFinished):
+            self._finished(message)
+        elif isinstance(message, Interrupted):
+            self.drain(f"signal {message.signal} on rank {message.rank}")
+        elif not isinstance(message, Hello):
+            log.warning("master ignores %r from rank %d", message, source)
+
+    def _finished(self, message: TaskFinished) -> None:
+        rank = self.rank_of.pop((message.task, message.attempt), None)
+        if rank is not None:
+            self.load[rank] -= 1
+        if message.failure not in (Failure.NONE, Failure.INTERRUPTED):
+            log.warning("task %s attempt %d failed: %s (exit %s, signal %s, peak %.0f MB), log %s",
+                        self.graph.ids[message.task], message.attempt, message.failure.name,
+                        message.exit_code, message.signal, message.peak_rss_mb, message.log)
+        self._dispatch(self.engine.handle(message))
+
+    def drain(self, reason: str) -> None:
+        """Stop launching and kill every running attempt (they come back INTERRUPTED)."""
+        if self.drained_at is not None:
+            return
+        log.warning("draining: %s", reason)
+        self.drained_at = time.monotonic()
+        self._dispatch(self.engine.handle(Drain(self.clock(), reason)))
+        for rank in sorted({r for ranks in self.node_ranks for r in ranks}):
+            self._send(rank, Kill(ALL_TASKS, 0, Failure.INTERRUPTED))
+
+    # -- launches --
+
+    def _dispatch(self, launches) -> None:
+        for launch in launches:
+            ranks = self.node_ranks[launch.node]
+            rank = min(ranks, key=lambda r: self.load[r])
+            self.load[rank] += 1
+            self.rank_of[(launch.task, launch.attempt)] = rank
+            self._send(rank, self.run_task(launch))
+
+    def run_task(self, launch) -> RunTask:
+        """The agent's order for one Launch action."""
+        g, t = self.graph, launch.task
+        return RunTask(t, launch.attempt, launch.node, g.ids[t], g.labels[g.label[t]],
+                       self.nodes[launch.node].name, g.commands[t], g.env[t],
+                       log_path(self.options.logdir, t, g.ids[t], launch.attempt),
+                       float(g.timeout[t]), int(launch.memory_mb), int(launch.cpus))
+
+    def _send(self, rank: int, message) -> None:
+        if rank == self.transport.rank and self.local is not None:
+            self.local.handle(message)
+        else:
+            self.transport.send(rank, message)
+
+
+
+# ---- rank 0's whole run -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything ``pilot run`` needs on rank 0."""
+
+    workflow: str
+    checkpoint: str
+    logdir: str
+    max_failures: int | None = None
+    retry_failed: bool = False          # handled by the checkpoint's restored arrays
+    deadline: float | None = None       # epoch seconds (``--walltime`` or the Slurm job end)
+    progress_interval: float = 30.0
+    watch: WatchConfig = WatchConfig()
+
+
+def wall_margin(deadline: float, start: float) -> float:
+    """Seconds before the deadline at which the run drains: 60 s, at most 10% of the time left."""
+    return max(0.5, min(60.0, 0.1 * (deadline - start)))
+
+
+def master_main(transport: Transport, config: RunConfig, info, signals: Signals | None = None) -> int:
+    """Rank 0: load, meet the agents, check fits, then run the engine; the run's exit code."""
+    try:
+        graph, nodes, node_ranks = _prepare(transport, config, info)
+        checkpoint = _open_checkpoint(config, graph)
+    except BaseException:
+        _shutdown_all(transport, EXIT_USAGE)
+        raise
+    code = EXIT_INTERRUPTED
+    try:
+        engine = _make_engine(config, graph, nodes, checkpoint)
+        master = Master(transport, graph, engine, nodes, node_ranks, _options(config),
+                        local_watch=config.watch if transport.size == 1 else None,
+                        checkpoint=checkpoint, signals=signals)
+        code = master.run()
+    finally:
+        _shutdown_all(transport, code)
+        if checkpoint is not None:
+            checkpoint.close()
+    return code
+
+
+def _prepare(transport: Transport, config: RunConfig, info):
+    from pilot.graph import check_fits
+    from pilot.workflow import load_workflow_file
+
+    graph = load_workflow_file(config.workflow)
+    if transport.size == 1:
+        nodes, node_ranks = [Node(info.name, info.memory_mb, info.cores)], [[0]]
+    else:
+        nodes, node_ranks = group_nodes(gather_hellos(transport, transport.size - 1))
+    check_fits(graph, nodes)
+    log.info("%d tasks on %d nodes: %s", graph.size, len(nodes),
+             ", ".join(f"{n.name} ({n.memory_mb} MB, {n.cores} cores)" for n in nodes))
+    return graph, nodes, node_ranks
+
+
+def _open_checkpoint(config: RunConfig, graph):
+    try:
+        from pilot.checkpoint import open_checkpoint
+    except ModuleNotFoundError as err:
+        if err.name != "pilot.checkpoint":
+            raise
+        log.warning("no checkpoint module: progress of this run is not saved")
+        return None
+    return open_checkpoint(config.checkpoint, graph, retry_failed=config.retry_failed)
+
+
+def _make_engine(config: RunConfig, graph, nodes, checkpoint):
+    from pilot.engine import Engine
+
+    engine = Engine(graph, nodes, max_failures=config.max_failures)
+    if checkpoint is not None:
+        if checkpoint.restored is not None:
+            engine.restore(*checkpoint.restored)
+        engine.listeners.append(checkpoint)
+    if config.deadline is not None:
+        engine.set_deadline(config.deadline, wall_margin(config.deadline, time.time()))
+    return engine
+
+
+def _options(config: RunConfig) -> MasterOptions:
+    margin = wall_margin(config.deadline, time.time()) if config.deadline else 60.0
+    return MasterOptions(config.logdir, config.progress_interval, config.deadline, margin)
+
+
+def _shutdown_all(transport: Transport, code: int) -> None:
+    for rank in range(1, transport.size):
+        transport.send(rank, Shutdown(code))
+    transport.close()

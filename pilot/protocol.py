@@ -1,0 +1,113 @@
+"""Wire messages between ranks and their encoding.
+
+The messages are the frozen dataclasses of :mod:`pilot.events` plus the agent-only ones
+below. On the wire a message is a plain tuple of builtins, ``(type code, field values...)``,
+with enums as ints: :func:`to_wire` and :func:`from_wire` convert both ways.
+
+Directions: agents send :class:`Hello`, ``TaskStarted``, ``TaskFinished`` and
+:class:`Interrupted`; the master sends :class:`RunTask`, :class:`Kill` and :class:`Shutdown`.
+"""
+
+from __future__ import annotations
+
+import enum
+import typing
+from dataclasses import dataclass, fields
+
+from pilot import events
+from pilot.events import Drain, Failure, Launch, Node, NodeLost, Schedule, TaskFinished, TaskStarted
+
+
+@dataclass(frozen=True)
+class Hello:
+    """First message of an agent: who it is and what its node offers."""
+
+    rank: int
+    node: str
+    memory_mb: int
+    cores: int
+    pid: int = 0
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """Start one attempt of a task on the receiving agent."""
+
+    task: int
+    attempt: int
+    node: int              # engine node number (echoed back in TaskStarted/TaskFinished)
+    task_id: str
+    label: str
+    node_name: str
+    command: object        # str (run by /bin/sh -c) or list[str] (argv)
+    env: dict | None
+    log: str
+    timeout: float         # seconds, 0 = none
+    memory_mb: int
+    cpus: int
+
+
+ALL_TASKS = -1
+
+
+@dataclass(frozen=True)
+class Kill:
+    """Kill an attempt (``task == ALL_TASKS``: every running attempt); it ends as ``failure``."""
+
+    task: int
+    attempt: int = 0
+    failure: Failure = Failure.INTERRUPTED
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """The run is over: the agent leaves its loop."""
+
+    code: int = 0
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """An agent caught a signal (srun forwards them to every rank): the master drains."""
+
+    rank: int
+    signal: int
+
+
+MESSAGE_TYPES = (Hello, RunTask, Kill, Shutdown, Interrupted,
+                 Schedule, TaskStarted, TaskFinished, NodeLost, Drain, Launch, Node)
+_CODE = {cls: code for code, cls in enumerate(MESSAGE_TYPES)}
+
+
+def _enum_fields(cls) -> tuple[tuple[int, type], ...]:
+    module = events if cls.__module__ == events.__name__ else None
+    hints = typing.get_type_hints(cls, globalns=vars(module) if module else globals())
+    return tuple((i, hints[f.name]) for i, f in enumerate(fields(cls))
+                 if isinstance(hints[f.name], type) and issubclass(hints[f.name], enum.Enum))
+
+
+_ENUMS = {cls: _enum_fields(cls) for cls in MESSAGE_TYPES}
+_NAMES = {cls: tuple(f.name for f in fields(cls)) for cls in MESSAGE_TYPES}
+
+
+def to_wire(message) -> tuple:
+    """A message as ``(type code, values...)``, builtins only (enums become ints)."""
+    cls = type(message)
+    values = [getattr(message, name) for name in _NAMES[cls]]
+    for i, _ in _ENUMS[cls]:
+        values[i] = int(values[i])
+    return (_CODE[cls], *values)
+
+
+def from_wire(wire) -> object:
+    """The message encoded by :func:`to_wire`; ValueError for anything else."""
+    try:
+        cls = MESSAGE_TYPES[wire[0]]
+    except (IndexError, TypeError, KeyError) as err:
+        raise ValueError(f"not a pilot message: {wire!r:.200}") from err
+    values = list(wire[1:])
+    if len(values) != len(_NAMES[cls]):
+        raise ValueError(f"{cls.__name__} needs {len(_NAMES[cls])} fields, got {len(values)}")
+    for i, kind in _ENUMS[cls]:
+        values[i] = kind(values[i])
+    return cls(*values)

@@ -1,0 +1,272 @@
+"""One task attempt as a subprocess: launch, watch memory and time, classify the end.
+
+A :class:`Runner` never blocks: the agent calls :meth:`Runner.observe` with memory samples
+and :meth:`Runner.poll` until it returns the attempt's :class:`~pilot.events.TaskFinished`.
+
+- The task runs in its own session and process group (a list command as argv, a string
+  through ``/bin/sh -c``); stdout and stderr go to one log file.
+- Memory: the resident memory of the whole process tree (descendants of the task, plus any
+  process left in its process group) is summed from ``/proc/<pid>/stat``. Over
+  ``memory_mb * tolerance`` (default 1.10) the group is killed with SIGKILL: ``Failure.OOM``.
+  A task killed by SIGKILL while the cgroup's ``oom_kill`` counter went up is OOM as well.
+- Time: over ``timeout`` seconds the group gets SIGTERM, then SIGKILL after a grace period:
+  ``Failure.TIMEOUT``.
+- When the task's main process ends, whatever is left in its process group is killed.
+- Peak RSS is the largest sample (``ru_maxrss`` is useless here: a child spawned from Python
+  inherits the parent's high-water mark across exec). CPU time is the task's user+system time
+  including the descendants it waited for (``wait4``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+
+from pilot import nodes
+from pilot.events import Failure, TaskFinished, TaskStarted
+from pilot.protocol import RunTask
+
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+# Launcher variables of the pilot's own MPI job: a task that uses MPI itself must not see them.
+MPI_ENV_PREFIXES = ("PMI_", "PMIX_", "HYDI_", "HYDRA_", "MPI_LOCAL", "OMPI_", "PRTE_")
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """How attempts are watched.
+
+    tolerance: a task may use ``memory_mb * tolerance`` before it is killed.
+    sample_interval: seconds between memory samples (the agent scans /proc this often).
+    kill_grace: seconds between SIGTERM and SIGKILL for timeouts and interruptions.
+    """
+
+    tolerance: float = 1.10
+    sample_interval: float = 0.5
+    kill_grace: float = 2.0
+
+
+# ---- process table ------------------------------------------------------------------
+
+
+class ProcessTable:
+    """A snapshot of every process (``pid -> (ppid, pgid, rss_kb)``) from one pass over /proc."""
+
+    def __init__(self, table: dict[int, tuple[int, int, int]]):
+        self.table = table
+        self.children: dict[int, list[int]] = {}
+        self.groups: dict[int, list[int]] = {}
+        for pid, (ppid, pgid, _) in table.items():
+            self.children.setdefault(ppid, []).append(pid)
+            self.groups.setdefault(pgid, []).append(pid)
+
+    @classmethod
+    def scan(cls, proc: str = "/proc") -> "ProcessTable":
+        table = {}
+        for entry in os.scandir(proc):
+            if entry.name.isdigit():
+                row = _stat_row(f"{proc}/{entry.name}/stat")
+                if row is not None:
+                    table[int(entry.name)] = row
+        return cls(table)
+
+    def tree(self, root: int, pgid: int) -> set[int]:
+        """The descendants of ``root`` (itself included) and every member of group ``pgid``."""
+        found: set[int] = set()
+        stack = [root] if root in self.table else []
+        while stack:
+            pid = stack.pop()
+            found.add(pid)
+            stack.extend(c for c in self.children.get(pid, ()) if c not in found)
+        return found.union(self.groups.get(pgid, ()))
+
+    def rss_mb(self, root: int, pgid: int) -> float:
+        """Resident memory (MB) of the tree rooted at ``root`` plus its process group."""
+        return sum(self.table[pid][2] for pid in self.tree(root, pgid)) / 1024.0
+
+
+def _stat_row(path: str) -> tuple[int, int, int] | None:
+    try:
+        with open(path, "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return int(fields[1]), int(fields[2]), int(fields[21]) * PAGE_KB
+
+
+# ---- environment and logs -----------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _agent_env() -> tuple[tuple[str, str], ...]:
+    return tuple((k, v) for k, v in os.environ.items() if not k.startswith(MPI_ENV_PREFIXES))
+
+
+def task_env(run: RunTask, base=None) -> dict[str, str]:
+    """The attempt's environment: the agent's (without MPI launcher variables) plus PILOT_*."""
+    if base is None:
+        env = dict(_agent_env())
+    else:
+        env = {k: v for k, v in base.items() if not k.startswith(MPI_ENV_PREFIXES)}
+    env.update(
+        PILOT_TASK_ID=run.task_id, PILOT_LABEL=run.label, PILOT_ATTEMPT=str(run.attempt),
+        PILOT_NODE=run.node_name, PILOT_MEMORY_MB=str(run.memory_mb), PILOT_CPUS=str(run.cpus),
+        OMP_NUM_THREADS=str(run.cpus),
+    )
+    env.update({str(k): str(v) for k, v in (run.env or {}).items()})
+    return env
+
+
+def log_path(logdir: str | os.PathLike, task: int, task_id: str, attempt: int) -> str:
+    """``LOGDIR/<task // 1000 as 5 digits>/<task id>.<attempt>.log`` (``/`` in ids becomes ``_``)."""
+    safe = task_id.replace("/", "_")
+    return os.path.join(os.fspath(logdir), f"{task // 1000:05d}", f"{safe}.{attempt}.log")
+
+
+def argv_of(command) -> list[str]:
+    """A list command runs as argv; a string runs through ``/bin/sh -c``."""
+    if isinstance(command, str):
+        return ["/bin/sh", "-c", command]
+    return [str(part) for part in command]
+
+
+_made_dirs: set[str] = set()
+
+
+def _make_dir(folder: str) -> None:
+    if folder not in _made_dirs:
+        os.makedirs(folder, exist_ok=True)
+        _made_dirs.add(folder)
+
+
+# ---- one attempt --------------------------------------------------------------------
+
+
+class Runner:
+    """One attempt of one task: start it, watch it, and report how it ended."""
+
+    def __init__(self, run: RunTask, watch: WatchConfig = WatchConfig(), clock=time.time):
+        self.run = run
+        self.watch = watch
+        self.clock = clock
+        self.pid = 0
+        self.pidfd = -1
+        self.peak_rss_mb = 0.0
+        self.reason: Failure | None = None   # why the pilot killed it, if it did
+        self._kill_at: float | None = None   # when to escalate to SIGKILL
+        self._proc: subprocess.Popen | None = None
+        self._oom_before: int | None = None
+        self._start_mono = 0.0
+
+    def start(self) -> TaskStarted | TaskFinished:
+        """Launch the process; a launch error comes back at once as ``Failure.LAUNCH``."""
+        self.start_time = self.clock()
+        self._start_mono = time.monotonic()
+        self._oom_before = nodes.oom_kill_count()
+        try:
+            self._proc = self._spawn()
+        except OSError as err:
+            return self._launch_failed(err)
+        self.pid = self._proc.pid
+        self.pidfd = os.pidfd_open(self.pid)
+        return TaskStarted(self.run.task, self.run.attempt, self.run.node, self.start_time, self.pid)
+
+    def _spawn(self) -> subprocess.Popen:
+        _make_dir(os.path.dirname(self.run.log))
+        with open(self.run.log, "wb") as log:
+            return subprocess.Popen(argv_of(self.run.command), stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, env=task_env(self.run),
+                                    start_new_session=True, close_fds=True)
+
+    def _launch_failed(self, err: OSError) -> TaskFinished:
+        try:
+            with open(self.run.log, "a") as log:
+                log.write(f"pilot: cannot launch {argv_of(self.run.command)!r}: {err}\n")
+        except OSError:
+            pass
+        return self._finished(Failure.LAUNCH, None, None, 0.0)
+
+    # -- watching --
+
+    def observe(self, rss_mb: float) -> None:
+        """A memory sample of the whole tree; kills the attempt when over its limit."""
+        self.peak_rss_mb = max(self.peak_rss_mb, rss_mb)
+        if self.reason is None and rss_mb > self.run.memory_mb * self.watch.tolerance:
+            self.kill(Failure.OOM, hard=True)
+
+    def check_time(self, now_mono: float | None = None) -> None:
+        """Kill the attempt once past its timeout; escalate pending kills to SIGKILL."""
+        now_mono = time.monotonic() if now_mono is None else now_mono
+        timeout = self.run.timeout
+        if self.reason is None and timeout and now_mono - self._start_mono > timeout:
+            self.kill(Failure.TIMEOUT)
+        if self._kill_at is not None and now_mono >= self._kill_at:
+            self._signal_group(signal.SIGKILL)
+            self._kill_at = None
+
+    def kill(self, reason: Failure, hard: bool = False) -> None:
+        """Kill the process group; ``hard`` skips the SIGTERM grace period."""
+        if self.reason is None:
+            self.reason = reason
+        if hard:
+            self._signal_group(signal.SIGKILL)
+            self._kill_at = None
+        else:
+            self._signal_group(signal.SIGTERM)
+            self._kill_at = time.monotonic() + self.watch.kill_grace
+
+    def _signal_group(self, sig: int) -> None:
+        if self.pid:
+            try:
+                os.killpg(self.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    @property
+    def next_deadline(self) -> float | None:
+        """The next monotonic time at which :meth:`check_time` has something to do."""
+        times = [t for t in (self._kill_at,) if t is not None]
+        if self.run.timeout and self.reason is None:
+            times.append(self._start_mono + self.run.timeout)
+        return min(times) if times else None
+
+    # -- ending --
+
+    def poll(self) -> TaskFinished | None:
+        """The attempt's result once its main process has ended, else None (never blocks)."""
+        if self._proc is None:
+            return None
+        if os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            return None
+        self._signal_group(signal.SIGKILL)   # leftovers of the group, while its leader is a zombie
+        _, status, usage = os.wait4(self.pid, 0)
+        self._proc.returncode = os.waitstatus_to_exitcode(status)  # keep Popen from reaping again
+        os.close(self.pidfd)
+        self.pidfd = -1
+        return self._classify(status, usage.ru_utime + usage.ru_stime)
+
+    def _classify(self, status: int, cpu_s: float) -> TaskFinished:
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        if self.reason is not None:
+            failure = self.reason
+        elif sig == signal.SIGKILL or code == 128 + signal.SIGKILL:
+            failure = Failure.OOM if self._oom_fired() else (Failure.SIGNAL if sig else Failure.EXIT)
+        elif sig is not None:
+            failure = Failure.SIGNAL
+        else:
+            failure = Failure.EXIT if code else Failure.NONE
+        return self._finished(failure, code, sig, cpu_s)
+
+    def _oom_fired(self) -> bool:
+        after = nodes.oom_kill_count()
+        return self._oom_before is not None and after is not None and after > self._oom_before
+
+    def _finished(self, failure: Failure, code, sig, cpu_s: float) -> TaskFinished:
+        r = self.run
+        return TaskFinished(r.task, r.attempt, r.node, failure, code, sig, self.start_time,
+                            self.clock(), round(self.peak_rss_mb, 1), round(cpu_s, 3), r.log)

@@ -1,0 +1,176 @@
+"""The batch script of a pilot job: a pure function of a :class:`~pilot.slurm.Site` and
+:class:`~pilot.slurm.JobOptions`.
+
+What the script does, in order: asks Slurm for the nodes and for a drain signal ahead of the time
+limit (``--signal=B:USR1@M``), traps USR1 and TERM and passes them to the MPI launcher, runs the
+site's set-up lines, records its start in ``chain.jsonl``, launches ``pilot run`` with a
+``--walltime`` that ends ``drain_margin`` seconds before the job's end, and when the pilot exits 3
+(work left) submits its successor with ``--dependency=afterany:<itself>`` until the chain has run
+``max_jobs`` jobs. It records its end (exit code, signals seen, successor) in ``chain.jsonl``.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from pilot.slurm import JobOptions, Site, format_walltime, launch_line
+
+SCRIPT_NAME = "job.sh"
+CHAIN_NAME = "chain.jsonl"
+CANCELLED_NAME = "cancelled"
+
+_HEADER = """\
+#!/bin/bash
+# pilot batch job, written by `pilot submit` for site {site}.
+# Runs {workflow} on {nodes} node(s); a job that ends with work left (exit 3) submits the next one,
+# up to {max_jobs} job(s) in a chain. Progress: pilot status {checkpoint}
+# Submit it by hand (as the first job of a chain) with:  sbatch {script}
+"""
+
+_BODY = r"""
+set -u
+RUN_DIR={run_dir}
+WORKFLOW={workflow}
+CHECKPOINT={checkpoint}
+MAX_JOBS={max_jobs}  # jobs in a chain at most
+DRAIN_MARGIN={drain_margin}  # seconds before the time limit by which the pilot drains
+JOB_INDEX=${{1:-1}}  # this job's place in its chain (the successor gets it as its argument)
+CHAIN="$RUN_DIR/{chain}"
+
+# Slurm's warning signal (USR1), `pilot cancel` (USR1) and scancel or the hard time limit (TERM)
+# reach this shell; the launcher passes them on to the pilot's ranks, which drain and exit 3.
+launcher=
+signals=
+term_at=
+drain() {{
+    signals="$signals${{signals:+,}}$1"
+    [ "$1" != TERM ] || term_at=$(date +%s)
+    echo "pilot job: $1 received, draining" >&2
+    local node pid
+    # Rank 0 alone, when it runs beside this shell (it does: the batch script runs on the first
+    # node): srun would signal every process of the step, tasks included, before the pilot can
+    # stop them as interrupted. Else the launcher passes the signal on.
+    if [ -s "$PILOT_RANK0_PID" ] && read -r node pid <"$PILOT_RANK0_PID" && [ "$node" = "$THIS_NODE" ]; then
+        kill -USR1 "$pid" 2>/dev/null
+    elif [ -n "$launcher" ]; then
+        kill -USR1 "$launcher" 2>/dev/null
+    fi
+}}
+trap 'drain USR1' USR1
+trap 'drain TERM' TERM
+
+record() {{
+    printf '{{"event": "%s", "job": "%s", "index": %d, "time": %s%s}}\n' \
+        "$1" "$SLURM_JOB_ID" "$JOB_INDEX" "$(date +%s)" "${{2:-}}" >>"$CHAIN"
+}}
+
+end_epoch() {{
+    local end
+    end=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null)
+    case "$end" in 20*) date -d "$end" +%s ;; esac
+}}
+
+# Every rank runs under this wrapper. For rank 0 it keeps the node and pid (for drain above) and
+# the exit code: when the job is signalled, srun reports its own status (143), not the pilot's.
+# srun signals every process of the step; other launchers signal only their children, so there
+# the wrapper passes signals on.
+rank_wrapper='
+forward() {{ [ "$PILOT_FORWARD_SIGNALS" = 0 ] || kill -"$1" "$pid" 2>/dev/null; }}
+trap "forward USR1" USR1; trap "forward TERM" TERM
+"$@" & pid=$!
+rank=${{PMI_RANK:-${{SLURM_PROCID:-0}}}}
+[ "$rank" != 0 ] || echo "${{SLURMD_NODENAME:-$(hostname)}} $pid" >"$PILOT_RANK0_PID"
+while :; do wait "$pid"; rc=$?; kill -0 "$pid" 2>/dev/null || break; done
+[ "$rank" != 0 ] || echo "$rc" >"$PILOT_RANK0_RC"
+exit "$rc"'
+THIS_NODE=${{SLURMD_NODENAME:-$(hostname)}}
+mkdir -p "$RUN_DIR/jobs"
+export PILOT_FORWARD_SIGNALS={forward}
+export PILOT_RANK0_PID="$RUN_DIR/jobs/$SLURM_JOB_ID.rank0.pid"
+export PILOT_RANK0_RC="$RUN_DIR/jobs/$SLURM_JOB_ID.rank0.rc"
+
+# ---- site set-up ----
+{setup}
+# ---- run ----
+record start ", \"nodes\": \"$SLURM_JOB_NODELIST\""
+END=$(end_epoch)
+walltime=()
+if [ -n "$END" ]; then
+    left=$((END - $(date +%s) - DRAIN_MARGIN))
+    walltime=(--walltime $((left > 1 ? left : 1)))
+fi
+rm -f "$PILOT_RANK0_PID" "$PILOT_RANK0_RC"
+rc=3
+if [ -z "$signals" ]; then
+    {launch} bash -c "$rank_wrapper" pilot-rank \
+        {pilot} run "$WORKFLOW" --checkpoint "$CHECKPOINT" --node-cores {cores}{run_args} "${{walltime[@]}}" &
+    launcher=$!
+    while :; do wait "$launcher"; rc=$?; kill -0 "$launcher" 2>/dev/null || break; done
+    [ ! -s "$PILOT_RANK0_RC" ] || rc=$(cat "$PILOT_RANK0_RC")
+fi
+
+# ---- chain: a successor when work is left, unless cancelled ----
+stopped() {{
+    grep -qx "$SLURM_JOB_ID" "$RUN_DIR/{cancelled}" 2>/dev/null && return 0
+    # TERM before the time limit is scancel: the user stopped the chain.
+    [ -n "$term_at" ] && {{ [ -z "$END" ] || [ "$term_at" -lt "$END" ]; }}
+}}
+next=
+if [ "$rc" = 3 ] && [ "$JOB_INDEX" -lt "$MAX_JOBS" ] && ! stopped; then
+    next=$(sbatch --parsable --dependency="afterany:$SLURM_JOB_ID" "$RUN_DIR/{script}" $((JOB_INDEX + 1)))
+    next=${{next%%;*}}
+    echo "pilot job: work left; submitted job $next" >&2
+fi
+record end ", \"exit\": $rc, \"signals\": \"$signals\", \"next\": \"$next\""
+exit "$rc"
+"""
+
+
+def sbatch_directives(site: Site, options: JobOptions) -> list[str]:
+    """The ``#SBATCH`` lines, in the order a reader expects them."""
+    lines = [
+        f"--job-name={options.job_name}",
+        f"--nodes={options.nodes}",
+        f"--time={format_walltime(options.walltime_s)}",
+        f"--mem={site.memory_per_node_mb}",
+        f"--signal=B:USR1@{signal_margin(options.drain_margin)}",
+        f"--chdir={options.run_dir}",
+        f"--output={options.run_dir}/slurm-%j.out",
+    ]
+    if site.exclusive:
+        lines.append("--exclusive")
+    for key in ("account", "qos", "partition", "constraint"):
+        value = getattr(site, key)
+        if value:
+            lines.append(f"--{key}={value}")
+    lines.extend(site.sbatch_options)
+    return [f"#SBATCH {shlex.quote(line) if ' ' in line else line}" for line in lines]
+
+
+def signal_margin(drain_margin: int) -> int:
+    """Seconds before the limit for Slurm's USR1. Slurm may send it up to a minute early, so it is
+    set at half the drain margin: the pilot normally drains by its own ``--walltime`` first."""
+    return max(1, drain_margin // 2)
+
+
+def forwards_signals(launch: str) -> bool:
+    """Whether the rank wrapper must pass signals on (not under srun, which signals every process)."""
+    words = shlex.split(launch)
+    return not words or words[0].rsplit("/", 1)[-1] != "srun"
+
+
+def render_script(site: Site, options: JobOptions) -> str:
+    """The complete batch script text for ``site`` and ``options``."""
+    launch = launch_line(site, options.nodes)
+    q = shlex.quote
+    header = _HEADER.format(site=site.name, workflow=options.workflow, nodes=options.nodes,
+                            max_jobs=options.max_jobs, checkpoint=q(options.checkpoint),
+                            script=q(f"{options.run_dir}/{SCRIPT_NAME}"))
+    body = _BODY.format(
+        run_dir=q(options.run_dir), workflow=q(options.workflow), checkpoint=q(options.checkpoint),
+        max_jobs=options.max_jobs, drain_margin=options.drain_margin, chain=CHAIN_NAME,
+        cancelled=CANCELLED_NAME, script=SCRIPT_NAME, forward=int(forwards_signals(launch)),
+        setup="\n".join(site.setup) if site.setup else "# (none)", launch=launch,
+        pilot=site.pilot_command, cores=site.cores_per_node,
+        run_args="".join(" " + q(a) for a in options.run_args))
+    return header + "\n".join(sbatch_directives(site, options)) + "\n" + body

@@ -1,0 +1,24 @@
+"""Fixtures of the LSST tests: one real Butler repository and QuantumGraph per session, and a
+fresh copy of it per test that writes to it."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.lsst.make_repo import build, copy_repo
+
+DETECTORS = 20   # 2 * 20 + 1 = 41 quanta over the labels a, b, gather
+
+
+@pytest.fixture(scope="session")
+def built_repo(tmp_path_factory):
+    """The session's pristine repository and graphs (never written to by tests)."""
+    pytest.importorskip("lsst.ctrl.mpexec", reason="the Rubin middleware needs Python >= 3.12 "
+                        "(scripts/setup-lsst.sh makes .venv-lsst)")
+    return build(tmp_path_factory.mktemp("lsst") / "pristine", DETECTORS)
+
+
+@pytest.fixture
+def test_repo(built_repo, tmp_path):
+    """A private copy of the repository and graphs for one test."""
+    return copy_repo(built_repo, tmp_path / "work")

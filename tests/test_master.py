@@ -1,0 +1,232 @@
+"""The master/agent loop in one process: agents are threads over LocalTransport, tasks are
+real subprocesses (the native payload), checks come from the tasks' own records.
+
+The helpers here (workflow files, records, checks) are shared with tests/test_mpi.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pilot.agent import Signals, run_agent
+from pilot.errors import UserError
+from pilot.events import Node, State
+from pilot.master import RunConfig, group_nodes, master_main, progress_line, wall_margin
+from pilot.nodes import NodeInfo
+from pilot.protocol import Hello
+from pilot.runner import WatchConfig
+from pilot.transport import LocalHub
+from tests.helpers import ROOT, wait_for
+from tests.test_runner import ensure_payload, pid_gone
+
+DATA = ROOT / "tests" / "data" / "runtime"
+FAST = WatchConfig(tolerance=1.10, sample_interval=0.05, kill_grace=0.5)
+
+
+# ---- shared helpers ---------------------------------------------------------------------
+
+
+def workflow(name: str, folder: Path) -> tuple[Path, Path]:
+    """tests/data/runtime/<name>.yaml with its placeholders filled in; (workflow, record file)."""
+    record = folder / "records.txt"
+    text = (DATA / f"{name}.yaml").read_text()
+    text = text.replace("@PAYLOAD@", ensure_payload()).replace("@RECORD@", str(record))
+    path = folder / f"{name}.yaml"
+    path.write_text(text.replace("@DIR@", str(folder)))
+    return path, record
+
+
+@dataclass(frozen=True)
+class Record:
+    task: str
+    node: str
+    attempt: int
+    start: float
+    end: float
+    pid: int
+    memory_mb: int
+
+
+def read_records(path: Path) -> list[Record]:
+    if not path.exists():
+        return []
+    rows = [line.split() for line in path.read_text().splitlines()]
+    return [Record(r[0], r[1], int(r[2]), float(r[3]), float(r[4]), int(r[5]), int(r[6])) for r in rows]
+
+
+def assert_exactly_once(records: list[Record], ids) -> None:
+    seen = defaultdict(int)
+    for r in records:
+        seen[r.task] += 1
+    assert dict(seen) == {i: 1 for i in ids}
+
+
+def assert_order(records: list[Record], edges) -> None:
+    by = {r.task: r for r in records}
+    for parent, child in edges:
+        assert by[parent].end <= by[child].start, f"{child} started before {parent} ended"
+
+
+def peak_memory_by_node(records: list[Record]) -> dict[str, int]:
+    """Largest sum of requests of tasks running at once on each node (from their timestamps)."""
+    peaks = {}
+    for node in {r.node for r in records}:
+        points = sorted([(r.start, 1, r.memory_mb) for r in records if r.node == node]
+                        + [(r.end, 0, -r.memory_mb) for r in records if r.node == node])
+        level = peak = 0
+        for _, _, delta in points:   # ends sort before starts at the same instant
+            level += delta
+            peak = max(peak, level)
+        peaks[node] = peak
+    return peaks
+
+
+PACKING_IDS = ["root", *(f"w{i:02d}" for i in range(12)), "join"]
+PACKING_EDGES = [("root", f"w{i:02d}") for i in range(12)] + [(f"w{i:02d}", "join") for i in range(12)]
+
+
+# ---- running the loop in threads -------------------------------------------------------
+
+
+def run_local(tmp_path: Path, wf: Path, agents: list[NodeInfo], *, signals=None, deadline=None,
+              max_failures=None, ckpt_name="ckpt.h5"):
+    """master_main on this thread, one agent thread per NodeInfo; returns the exit code."""
+    hub = LocalHub(len(agents) + 1)
+    threads = [threading.Thread(target=run_agent, args=(hub.endpoint(r + 1), info, FAST), daemon=True)
+               for r, info in enumerate(agents)]
+    for th in threads:
+        th.start()
+    config = RunConfig(workflow=str(wf), checkpoint=str(tmp_path / ckpt_name),
+                       logdir=str(tmp_path / "logs"), deadline=deadline, max_failures=max_failures,
+                       progress_interval=0.2, watch=FAST)
+    try:
+        return master_main(hub.endpoint(0), config, NodeInfo("solo", 1000, 4), signals)
+    finally:
+        for th in threads:
+            th.join(10)
+            assert not th.is_alive(), "an agent did not stop"
+
+
+def emulated(count: int, memory_mb=1000, cores=4) -> list[NodeInfo]:
+    return [NodeInfo(f"n{i}", memory_mb, cores) for i in range(count)]
+
+
+# ---- pure parts ---------------------------------------------------------------------------
+
+
+def test_group_nodes_shares_a_node_between_its_ranks():
+    hellos = [Hello(3, "b", 100, 2), Hello(1, "a", 500, 4), Hello(2, "b", 100, 2), Hello(4, "c", 7, 1)]
+    nodes, ranks = group_nodes(hellos)
+    assert nodes == [Node("a", 500, 4), Node("b", 100, 2), Node("c", 7, 1)]
+    assert ranks == [[1], [2, 3], [4]]
+
+
+def test_wall_margin():
+    assert wall_margin(1000.0, 0.0) == 60.0
+    assert wall_margin(100.0, 90.0) == 1.0
+
+
+# ---- the loop ------------------------------------------------------------------------------
+
+
+def test_packing_order_and_exactly_once(tmp_path):
+    wf, record = workflow("packing", tmp_path)
+    assert run_local(tmp_path, wf, emulated(2)) == 0
+    records = read_records(record)
+    assert_exactly_once(records, PACKING_IDS)
+    assert_order(records, PACKING_EDGES)
+    peaks = peak_memory_by_node(records)
+    assert set(peaks) <= {"n0", "n1"} and max(peaks.values()) <= 1000
+    assert (tmp_path / "logs" / "00000" / "w03.1.log").exists()
+
+
+def test_ranks_of_one_node_share_its_budget(tmp_path):
+    wf, record = workflow("packing", tmp_path)
+    assert run_local(tmp_path, wf, [NodeInfo("shared", 1000, 8)] * 3) == 0
+    records = read_records(record)
+    assert_exactly_once(records, PACKING_IDS)
+    assert peak_memory_by_node(records)["shared"] <= 1000
+
+
+def test_one_rank_runs_tasks_itself(tmp_path):
+    wf, record = workflow("packing", tmp_path)
+    assert run_local(tmp_path, wf, []) == 0
+    records = read_records(record)
+    assert_exactly_once(records, PACKING_IDS)
+    assert {r.node for r in records} == {"solo"} and peak_memory_by_node(records)["solo"] <= 1000
+
+
+def test_failures_are_classified_while_others_go_on(tmp_path, caplog):
+    wf, record = workflow("failures", tmp_path)
+    assert run_local(tmp_path, wf, emulated(2)) == 1
+    assert_exactly_once(read_records(record), ["ok1", "ok2", "ok3", "ok4"])
+    text = caplog.text
+    for task, kind in (("segv", "SIGNAL"), ("exit3", "EXIT"), ("slow", "TIMEOUT"), ("nocmd", "LAUNCH")):
+        assert f"task {task} attempt 1 failed: {kind}" in text
+
+
+def test_oom_is_retried_with_a_scaled_request(tmp_path, caplog):
+    wf, record = workflow("oom_retry", tmp_path)
+    assert run_local(tmp_path, wf, emulated(1)) == 0
+    records = read_records(record)
+    assert_exactly_once(records, ["big", "small1", "small2", "after_big"])
+    big = next(r for r in records if r.task == "big")
+    assert (big.attempt, big.memory_mb) == (2, 300)
+    assert "task big attempt 1 failed: OOM" in caplog.text
+
+
+def test_bad_fit_refused_before_launching(tmp_path):
+    wf, _ = workflow("too_big", tmp_path)
+    with pytest.raises(UserError, match="huge"):
+        run_local(tmp_path, wf, emulated(2))
+    assert not (tmp_path / "fine.marker").exists()
+
+
+def _markers(folder: Path, count: int):
+    found = [p for p in folder.glob("*.marker")]
+    return found if len(found) >= count else None
+
+
+def _stop_when_running(folder: Path, signals: Signals, count: int) -> None:
+    wait_for(lambda: _markers(folder, count), 20, what="tasks running")
+    signals.signum = 15
+
+
+def test_signal_drains_kills_and_exits_3(tmp_path):
+    wf, _ = workflow("long", tmp_path)
+    signals = Signals()
+    stopper = threading.Thread(target=_stop_when_running, args=(tmp_path, signals, 6), daemon=True)
+    stopper.start()
+    began = time.monotonic()
+    assert run_local(tmp_path, wf, emulated(2), signals=signals) == 3
+    assert time.monotonic() - began < 30
+    pids = [int(n) for p in tmp_path.glob("*.marker") for n in p.read_text().split() if int(n) > 0]
+    assert len(pids) >= 6
+    for pid in pids:
+        wait_for(lambda: pid_gone(pid), 5, what=f"pid {pid} gone")
+
+
+def test_wall_time_stops_launching_and_exits_3(tmp_path):
+    wf, _ = workflow("long", tmp_path)
+    began = time.monotonic()
+    assert run_local(tmp_path, wf, emulated(1, cores=2), deadline=time.time() + 3.0) == 3
+    assert time.monotonic() - began < 20
+    assert len(list(tmp_path.glob("*.marker"))) <= 2
+
+
+def test_progress_line_counts():
+    class FakeEngine:   # only the arrays progress_line reads
+        import numpy as np
+        state = np.array([State.DONE, State.RUNNING, State.LAUNCHED, State.FAILED, State.READY])
+        node_of = np.array([0, 1, 1, -1, -1])
+        memory_request = np.array([5, 10, 20, 40, 80])
+
+    line = progress_line(FakeEngine(), [Node("a", 100, 1), Node("b", 100, 1)])
+    assert line == ("progress: done 1/5 running 2 ready 1 failed 1 dep_fail 0 | nodes busy 1/2 "
+                    "| memory 30/200 MB")

@@ -1,0 +1,119 @@
+"""`pilot run` under a real `mpiexec` (1, 2, 3 and 5 ranks, oversubscribed on this machine),
+checked from the tasks' own records."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import MPIEXEC, ROOT, mpi_env, wait_for
+from tests.test_master import (PACKING_EDGES, PACKING_IDS, assert_exactly_once, assert_order,
+                               peak_memory_by_node, read_records, workflow)
+from tests.test_runner import pid_gone
+from tests.test_transport import cleanup_shm, shm_segments
+
+pytestmark = pytest.mark.mpi
+NODE = ["--node-per-rank", "--node-memory", "1000", "--node-cores", "4"]
+
+
+def pilot_cmd(ranks: int, wf: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return [str(MPIEXEC), "-launcher", "fork", "-n", str(ranks), sys.executable, "-m", "pilot.cli", "run",
+            str(wf), "--checkpoint", str(tmp_path / "ckpt.h5"), "--memory-interval", "0.05", *extra]
+
+
+def run_pilot(ranks: int, wf: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    before = shm_segments()
+    try:
+        return subprocess.run(pilot_cmd(ranks, wf, tmp_path, *extra), cwd=ROOT, env=mpi_env(),
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        cleanup_shm(before)
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 5])
+def test_packing_exactly_once_in_order(tmp_path, ranks):
+    wf, record = workflow("packing", tmp_path)
+    proc = run_pilot(ranks, wf, tmp_path, *NODE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_records(record)
+    assert_exactly_once(records, PACKING_IDS)
+    assert_order(records, PACKING_EDGES)
+    peaks = peak_memory_by_node(records)
+    agents = range(1, ranks) if ranks > 1 else [0]
+    assert set(peaks) <= {f"{os.uname().nodename}/rank{r}" for r in agents}
+    assert max(peaks.values()) <= 1000
+    if ranks >= 3:
+        assert len(peaks) >= 2, "work was not spread over the emulated nodes"
+
+
+def test_failures_classified_while_others_go_on(tmp_path):
+    wf, record = workflow("failures", tmp_path)
+    proc = run_pilot(3, wf, tmp_path, *NODE)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert_exactly_once(read_records(record), ["ok1", "ok2", "ok3", "ok4"])
+    for task, kind in (("segv", "SIGNAL"), ("exit3", "EXIT"), ("slow", "TIMEOUT"), ("nocmd", "LAUNCH")):
+        assert f"task {task} attempt 1 failed: {kind}" in proc.stderr
+
+
+def test_oom_retried_with_scaled_request(tmp_path):
+    wf, record = workflow("oom_retry", tmp_path)
+    proc = run_pilot(2, wf, tmp_path, *NODE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_records(record)
+    assert_exactly_once(records, ["big", "small1", "small2", "after_big"])
+    big = next(r for r in records if r.task == "big")
+    assert (big.attempt, big.memory_mb) == (2, 300)
+    assert "task big attempt 1 failed: OOM" in proc.stderr
+
+
+def test_bad_fit_exits_2_with_one_line(tmp_path):
+    wf, _ = workflow("too_big", tmp_path)
+    proc = run_pilot(2, wf, tmp_path, *NODE)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pilot: error: task huge requests 5000 MB")
+    assert not (tmp_path / "fine.marker").exists()
+
+
+def test_malformed_workflow_exits_2_with_one_line(tmp_path):
+    wf = tmp_path / "bad.yaml"
+    wf.write_text("tasks:\n  - id: a\n    command: [unclosed\n")
+    proc = run_pilot(2, wf, tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pilot: error:")
+
+
+def _task_pids(folder: Path) -> list[int]:
+    return [int(n) for p in folder.glob("*.marker") for n in p.read_text().split() if int(n) > 0]
+
+
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_sigterm_mid_run_exits_3_and_leaves_no_task(tmp_path, ranks):
+    wf, _ = workflow("long", tmp_path)
+    before = shm_segments()
+    node = ["--node-per-rank", "--node-memory", "1000", "--node-cores", "8"]   # 6 tasks fit one node
+    proc = subprocess.Popen(pilot_cmd(ranks, wf, tmp_path, *node), cwd=ROOT, env=mpi_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(list(tmp_path.glob("*.marker"))) >= 6, 30, what="six tasks running")
+        pids = _task_pids(tmp_path)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        cleanup_shm(before)
+    assert proc.returncode == 3, err[-3000:]
+    assert took < 10, f"took {took:.1f} s"
+    assert len(pids) >= 7 and all(pid_gone(p) for p in pids)
+    assert "draining: signal 15" in err

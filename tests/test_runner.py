@@ -1,0 +1,175 @@
+"""One attempt under the real runner, with the native payload as a precise task."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import time
+
+import pytest
+
+from pilot import nodes
+from pilot.events import Failure, TaskStarted
+from pilot.protocol import RunTask
+from pilot.runner import ProcessTable, Runner, WatchConfig, argv_of, log_path, task_env
+from tests.helpers import PAYLOAD, ROOT, wait_for
+
+FAST = WatchConfig(tolerance=1.10, sample_interval=0.05, kill_grace=0.5)
+
+
+def ensure_payload() -> str:
+    """Build the native payload with CMake if it is not there yet; its path."""
+    if not PAYLOAD.exists():
+        subprocess.run(["cmake", "-S", ROOT, "-B", PAYLOAD.parent, "-DCMAKE_BUILD_TYPE=Release"],
+                       check=True, capture_output=True)
+        subprocess.run(["cmake", "--build", PAYLOAD.parent], check=True, capture_output=True)
+    return str(PAYLOAD)
+
+
+def pid_gone(pid: int) -> bool:
+    """True when ``pid`` no longer runs (gone, or a zombie nobody reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def make_run(tmp_path, command, *, memory_mb=500, timeout=0.0, env=None, cpus=2, attempt=1) -> RunTask:
+    return RunTask(task=1234, attempt=attempt, node=0, task_id="t/1234", label="lbl", node_name="n0",
+                   command=command, env=env, log=log_path(tmp_path / "logs", 1234, "t/1234", attempt),
+                   timeout=timeout, memory_mb=memory_mb, cpus=cpus)
+
+
+def finish(runner: Runner, limit: float = 30.0):
+    """Drive a started runner as the agent does, until it reports its result."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        runner.observe(ProcessTable.scan().rss_mb(runner.pid, runner.pid))
+        runner.check_time()
+        result = runner.poll()
+        if result is not None:
+            return result
+        select.select([runner.pidfd], [], [], runner.watch.sample_interval)
+    raise TimeoutError("attempt did not end")
+
+
+def attempt(tmp_path, command, **kw):
+    runner = Runner(make_run(tmp_path, command, **kw), FAST)
+    started = runner.start()
+    assert isinstance(started, TaskStarted) and started.pid == runner.pid > 0
+    return runner, finish(runner)
+
+
+@pytest.fixture(scope="module")
+def payload():
+    return ensure_payload()
+
+
+def test_success_records_usage_and_log(tmp_path, payload):
+    record = tmp_path / "rec"
+    _, result = attempt(tmp_path, [payload, "--mem", "60", "--cpu", "0.2", "--record", str(record)])
+    assert result.failure == Failure.NONE and result.exit_code == 0 and result.signal is None
+    assert 55 <= result.peak_rss_mb < 200
+    assert result.cpu_s >= 0.15
+    assert result.end - result.start >= 0.2
+    assert result.log.endswith(os.path.join("01", "t_1234.1.log")) and os.path.exists(result.log)
+    task, node, attempt_no = record.read_text().split()[:3]
+    assert (task, node, attempt_no) == ("t/1234", "n0", "1")
+
+
+def test_environment_of_a_shell_command(tmp_path):
+    _, result = attempt(tmp_path, "env | sort; echo out; echo err >&2", env={"EXTRA": "x y"}, cpus=3,
+                        memory_mb=777, attempt=2)
+    text = open(result.log).read()
+    for line in ("PILOT_TASK_ID=t/1234", "PILOT_LABEL=lbl", "PILOT_ATTEMPT=2", "PILOT_NODE=n0",
+                 "PILOT_MEMORY_MB=777", "PILOT_CPUS=3", "OMP_NUM_THREADS=3", "EXTRA=x y", "out", "err"):
+        assert line in text.splitlines()
+
+
+def test_mpi_launcher_variables_are_not_passed_on(tmp_path):
+    env = task_env(make_run(tmp_path, "true", env={"PMI_MINE": "kept"}),
+                   base={"PMI_RANK": "3", "PMI_FD": "7", "HOME": "/h", "OMPI_COMM_WORLD_SIZE": "2"})
+    assert "PMI_RANK" not in env and "PMI_FD" not in env and "OMPI_COMM_WORLD_SIZE" not in env
+    assert env["HOME"] == "/h" and env["PMI_MINE"] == "kept"
+
+
+def test_non_zero_exit(tmp_path, payload):
+    _, result = attempt(tmp_path, [payload, "--exit", "3"])
+    assert (result.failure, result.exit_code, result.signal) == (Failure.EXIT, 3, None)
+
+
+def test_segfault_is_a_signal(tmp_path, payload):
+    _, result = attempt(tmp_path, [payload, "--signal", str(int(signal.SIGSEGV))])
+    assert (result.failure, result.exit_code, result.signal) == (Failure.SIGNAL, None, signal.SIGSEGV)
+
+
+def test_timeout_kills_the_group(tmp_path, payload):
+    marker = tmp_path / "marker"
+    runner, result = attempt(tmp_path, [payload, "--sleep", "60", "--child-mem", "1", "--marker", str(marker)],
+                             timeout=0.5)
+    assert result.failure == Failure.TIMEOUT
+    assert 0.5 <= result.end - result.start < 10
+    pid, pgid, child = map(int, marker.read_text().split())
+    assert pgid == pid == runner.pid
+    wait_for(lambda: pid_gone(child), 5, what="child killed")
+
+
+def test_over_memory_is_oom(tmp_path, payload):
+    _, result = attempt(tmp_path, [payload, "--mem", "250", "--ramp", "0.5", "--sleep", "30"], memory_mb=100)
+    assert result.failure == Failure.OOM and result.signal == signal.SIGKILL
+    assert 110 <= result.peak_rss_mb < 300
+    assert result.end - result.start < 10
+
+
+def test_forked_child_memory_counts(tmp_path, payload):
+    marker = tmp_path / "marker"
+    _, result = attempt(tmp_path, [payload, "--mem", "20", "--child-mem", "250", "--ramp", "0.5",
+                                   "--sleep", "30", "--marker", str(marker)], memory_mb=100)
+    assert result.failure == Failure.OOM
+    child = int(marker.read_text().split()[2])
+    wait_for(lambda: pid_gone(child), 5, what="child killed")
+
+
+def test_under_tolerance_is_not_oom(tmp_path, payload):
+    _, result = attempt(tmp_path, [payload, "--mem", "100", "--sleep", "0.3"], memory_mb=100)
+    assert result.failure == Failure.NONE
+
+
+def test_launch_error(tmp_path):
+    runner = Runner(make_run(tmp_path, [str(tmp_path / "no-such-program")]), FAST)
+    result = runner.start()
+    assert result.failure == Failure.LAUNCH and result.exit_code is None
+    assert "cannot launch" in open(result.log).read()
+
+
+def test_leftovers_of_the_group_are_killed(tmp_path):
+    pidfile = tmp_path / "bg"
+    _, result = attempt(tmp_path, f"sleep 60 & echo $! > {pidfile}; exit 0")
+    assert result.failure == Failure.NONE
+    wait_for(lambda: pid_gone(int(pidfile.read_text())), 5, what="background process killed")
+
+
+def test_sigkill_is_oom_only_when_the_kernel_oom_killer_fired(tmp_path, payload, monkeypatch):
+    # The kernel OOM killer cannot be provoked safely on a shared machine: its counter is faked.
+    _, plain = attempt(tmp_path, [payload, "--signal", "9"])
+    assert plain.failure == Failure.SIGNAL
+    counts = iter([4, 5])
+    monkeypatch.setattr(nodes, "oom_kill_count", lambda: next(counts))
+    _, oom = attempt(tmp_path, [payload, "--signal", "9"])
+    assert oom.failure == Failure.OOM and oom.signal == signal.SIGKILL
+
+
+def test_process_table_tree_and_group():
+    table = ProcessTable({1: (0, 1, 10), 10: (1, 10, 1024), 11: (10, 10, 2048), 12: (11, 12, 1024),
+                          20: (1, 10, 512), 30: (1, 30, 4096)})
+    assert table.tree(10, 10) == {10, 11, 12, 20}
+    assert table.rss_mb(10, 10) == pytest.approx(4.5)
+
+
+def test_log_layout_and_argv(tmp_path):
+    assert log_path("L", 12345, "a/b", 2) == os.path.join("L", "00012", "a_b.2.log")
+    assert argv_of("echo hi") == ["/bin/sh", "-c", "echo hi"]
+    assert argv_of(["x", 1]) == ["x", "1"]

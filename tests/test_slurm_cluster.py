@@ -1,0 +1,129 @@
+"""`pilot submit`, chained resubmission, `pilot cancel` and `srun pilot run` on a real Slurm.
+
+The cluster is slurm/local-cluster.sh's: four emulated nodes n1..n4 of 2 CPUs and 2000 MB on this
+host. Slurm's own time limit is whole minutes and checked about every 30 s, so the time-limit test
+uses a one-minute job with a 45 s drain margin: the pilot drains by the --walltime the batch script
+derives from Slurm's end time for the job, or by Slurm's USR1 warning signal, whichever is first.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections import Counter
+
+import pytest
+
+from pilot.nodes import memory_reserve_mb
+from pilot.slurm_jobs import read_chain
+from tests.helpers import wait_for
+from tests.slurm_cluster import (NODES, cancel_leftovers, chain_end, fill_workflow, peak_memory_per_node,
+                                 pilot, read_records, slurm_env, wait_chain_done)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+__all__ = ["slurm_env"]   # the fixture, imported for pytest
+
+NODE_MB = 2000                                 # RealMemory of each node, requested with --mem
+TASK_MB = NODE_MB - memory_reserve_mb(NODE_MB)  # what the pilot gives tasks on such a node
+
+
+@pytest.fixture
+def run(slurm_env, tmp_path):
+    """A run directory whose leftover jobs are cancelled after the test."""
+    run_dir = tmp_path / "run"
+    yield run_dir
+    cancel_leftovers(slurm_env, run_dir)
+
+
+def submit(env, workflow, run_dir, *options) -> str:
+    proc = pilot(env, "submit", str(workflow), "--site", "local", "--nodes", "4", "--run-dir", str(run_dir),
+                 *options)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def completed_once(records: list[dict], expected: int) -> None:
+    counts = Counter(r["task"] for r in records)
+    assert len(counts) == expected, f"{len(counts)} of {expected} tasks recorded a completion"
+    again = [task for task, n in counts.items() if n > 1]
+    assert not again, f"completed tasks ran again: {again}"
+
+
+def test_four_node_job_packs_by_memory(slurm_env, run, tmp_path):
+    workflow, records_file = fill_workflow("memory", tmp_path)
+    job = submit(slurm_env, workflow, run, "--walltime", "00:05:00")
+    ends = wait_chain_done(run, job, timeout=120)
+    assert [(e["job"], e["exit"]) for e in ends] == [(job, 0)]
+    records = read_records(records_file)
+    completed_once(records, 24)
+    assert {r["node"] for r in records} == NODES
+    peaks = peak_memory_per_node(records)
+    assert max(peaks.values()) <= TASK_MB, peaks
+    heavy = {r["task"]: r["node"] for r in records if r["memory_mb"] == 1100}
+    assert len(heavy) == 8 and len(set(heavy.values())) >= 2
+
+
+def test_time_limit_drains_and_chain_finishes(slurm_env, run, tmp_path):
+    workflow, records_file = fill_workflow("chain", tmp_path)
+    first = submit(slurm_env, workflow, run, "--walltime", "00:01:00", "--drain-margin", "45",
+                   "--resubmit", "6")
+    ends = wait_chain_done(run, first, timeout=300)
+    assert ends[0]["job"] == first and len(ends) >= 2
+    assert [e["exit"] for e in ends] == [3] * (len(ends) - 1) + [0]
+    starts = {r["job"]: r for r in read_chain(run) if r["event"] == "start"}
+    for before, after in zip(ends, ends[1:]):
+        assert before["next"] == after["job"] and after["index"] == before["index"] + 1
+        assert before["time"] - starts[before["job"]]["time"] < 60   # drained before Slurm's limit
+    completed_once(read_records(records_file), 64)
+
+
+def test_cancel_drains_and_a_new_submit_resumes(slurm_env, run, tmp_path):
+    workflow, records_file = fill_workflow("chain", tmp_path)
+    options = ("--walltime", "00:05:00", "--resubmit", "3")
+
+    job = _submit_and_wait_for_progress(slurm_env, workflow, run, records_file, options)
+    proc = pilot(slurm_env, "cancel", str(run), "--timeout", "60")
+    assert proc.returncode == 0, proc.stderr
+    end = wait_for(lambda: chain_end(run, job), 60, what="the cancelled job's end record")
+    assert (end["exit"], end["next"]) == (3, "") and "USR1" in end["signals"]
+
+    job = _submit_and_wait_for_progress(slurm_env, workflow, run, records_file, options)
+    subprocess.run(["scancel", job], env=slurm_env, check=True)
+    end = wait_for(lambda: chain_end(run, job), 60, what="the scancelled job's end record")
+    assert (end["exit"], end["next"]) == (3, "") and "TERM" in end["signals"]
+
+    wait_for(lambda: _queue_empty(slurm_env), 60, what="an empty queue")
+    job = submit(slurm_env, workflow, run, *options)
+    ends = wait_chain_done(run, job, timeout=120)
+    assert [(e["job"], e["exit"]) for e in ends] == [(job, 0)]
+    completed_once(read_records(records_file), 64)
+
+
+def _submit_and_wait_for_progress(env, workflow, run, records_file, options) -> str:
+    """Submit once the previous job has left the queue; return when 8 more tasks completed."""
+    wait_for(lambda: _queue_empty(env), 60, what="an empty queue")
+    before = len(read_records(records_file))
+    job = submit(env, workflow, run, *options)
+    wait_for(lambda: len(read_records(records_file)) >= before + 8, 90, interval=0.2,
+             what=f"8 tasks of job {job}")
+    return job
+
+
+def _queue_empty(env) -> bool:
+    return not subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True).stdout.strip()
+
+
+def test_srun_inside_salloc(slurm_env, tmp_path):
+    workflow, records_file = fill_workflow("diamond", tmp_path)
+    wait_for(lambda: _queue_empty(slurm_env), 60, what="an empty queue")
+    started = time.time()
+    proc = subprocess.run(
+        ["salloc", "-N", "2", "-n", "3", f"--mem={NODE_MB}", "--time=5",
+         "srun", "--mpi=pmi2", "pilot", "run", str(workflow), "--checkpoint", str(tmp_path / "ck.h5")],
+        env=slurm_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_records(records_file)
+    completed_once(records, 8)
+    assert {r["node"] for r in records} <= NODES and min(r["start"] for r in records) > started
+    # node memory and cores come from Slurm's environment (SLURM_MEM_PER_NODE, SLURM_CPUS_ON_NODE)
+    assert f"({TASK_MB} MB, 2 cores)" in proc.stderr

@@ -1,0 +1,210 @@
+"""One contract for both transports: the same SPMD scenarios run as threads over
+LocalTransport and as real ranks under ``mpiexec`` over MPITransport.
+
+Run one scenario by hand: ``mpiexec -n 3 .venv/bin/python -m tests.test_transport ping_pong``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pilot.events import Schedule, TaskStarted
+from pilot.protocol import Shutdown
+from pilot.transport import Backoff, LocalHub, MPITransport, TransportAborted, guarded
+from tests.helpers import MPIEXEC, ROOT, mpi_env
+
+# ---- scenarios: each runs on every rank ----------------------------------------------
+
+
+def _collect_done(t, count: int) -> None:
+    """Rank 0 waits for `count` Shutdown notes, then releases everyone."""
+    if t.rank == 0:
+        seen = 0
+        while seen < count:
+            item = t.poll(10.0)
+            assert item is not None, "a rank never reported"
+            seen += isinstance(item[1], Shutdown)
+        for r in range(1, t.size):
+            t.send(r, Shutdown(0))
+    else:
+        t.send(0, Shutdown(0))
+        item = t.poll(10.0)
+        assert item == (0, Shutdown(0))
+
+
+def ping_pong(t) -> None:
+    rounds = 200
+    if t.rank == 0:
+        for i in range(rounds):
+            for r in range(1, t.size):
+                t.send(r, Schedule(float(i)))
+            replies = {}
+            while len(replies) < t.size - 1:
+                source, msg = t.poll(10.0)
+                replies[source] = msg
+            assert replies == {r: TaskStarted(i, 1, r, float(i), 0) for r in range(1, t.size)}
+    else:
+        for i in range(rounds):
+            source, msg = t.poll(10.0)
+            assert (source, msg) == (0, Schedule(float(i)))
+            t.send(0, TaskStarted(i, 1, t.rank, msg.time, 0))
+
+
+def fan_in_keeps_order(t) -> None:
+    count = 300
+    if t.rank == 0:
+        last = {r: -1 for r in range(1, t.size)}
+        for _ in range(count * (t.size - 1)):
+            source, msg = t.poll(10.0)
+            assert msg.task == last[source] + 1
+            last[source] = msg.task
+        assert all(v == count - 1 for v in last.values())
+    else:
+        for i in range(count):
+            t.send(0, TaskStarted(i, 1, t.rank, 0.0))
+
+
+def idle_poll_times_out_without_spinning(t) -> None:
+    cpu0, wall0 = time.thread_time(), time.monotonic()
+    assert t.poll(0.5) is None
+    cpu, wall = time.thread_time() - cpu0, time.monotonic() - wall0
+    assert 0.5 <= wall < 10.0
+    assert cpu < 0.25 * wall, f"poll used {cpu:.3f} s of CPU in {wall:.3f} s"
+    _collect_done(t, t.size - 1)
+
+
+def _boom() -> None:
+    raise RuntimeError("boom on purpose")
+
+
+def abort_ends_every_rank(t) -> None:
+    if t.rank == 1:
+        guarded(t, _boom)
+    while True:
+        t.poll(1.0)
+
+
+SCENARIOS = {f.__name__: f for f in (ping_pong, fan_in_keeps_order, idle_poll_times_out_without_spinning,
+                                      abort_ends_every_rank)}
+
+# ---- the two ways of running a scenario -------------------------------------------------
+
+
+def run_local(name: str, size: int):
+    """Run a scenario on ``size`` threads; returns (hub abort code, errors by rank)."""
+    hub = LocalHub(size)
+    errors: dict[int, BaseException] = {}
+
+    def body(rank):
+        try:
+            SCENARIOS[name](hub.endpoint(rank))
+        except BaseException as err:   # noqa: BLE001 - reported to the test
+            errors[rank] = err
+
+    threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(size)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+        assert not th.is_alive(), "a rank hung"
+    return hub.abort_code, errors
+
+
+def shm_segments() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("mpich_shm_*")}
+
+
+def mapped_anywhere(name: str) -> bool:
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            if name in maps.read_text():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def cleanup_shm(before: set[str]) -> list[str]:
+    """Remove MPICH segments that appeared since ``before`` and that no live process maps
+    (what a killed or aborted job of ours left behind); the names removed."""
+    removed = []
+    for name in sorted(shm_segments() - before):
+        if not mapped_anywhere(name):
+            Path("/dev/shm", name).unlink(missing_ok=True)
+            removed.append(name)
+    return removed
+
+
+def run_mpi(name: str, size: int) -> subprocess.CompletedProcess:
+    cmd = [str(MPIEXEC), "-launcher", "fork", "-n", str(size), sys.executable, "-m", "tests.test_transport", name]
+    before = shm_segments()
+    try:
+        return subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=60)
+    finally:
+        cleanup_shm(before)
+
+
+class TransportContract:
+    size = 3
+
+    def run(self, name: str):
+        raise NotImplementedError
+
+    def test_ping_pong(self):
+        self.expect_ok("ping_pong")
+
+    def test_fan_in_keeps_per_source_order(self):
+        self.expect_ok("fan_in_keeps_order")
+
+    def test_idle_poll_times_out_without_spinning(self):
+        self.expect_ok("idle_poll_times_out_without_spinning")
+
+    def test_uncaught_exception_aborts_every_rank(self):
+        self.expect_abort("abort_ends_every_rank")
+
+
+class TestLocalTransport(TransportContract):
+    def expect_ok(self, name):
+        code, errors = run_local(name, self.size)
+        assert code is None and not errors, errors
+
+    def expect_abort(self, name):
+        code, errors = run_local(name, self.size)
+        assert code == 1
+        assert set(errors) == set(range(self.size))
+        assert all(isinstance(e, TransportAborted) for e in errors.values())
+
+
+@pytest.mark.mpi
+class TestMPITransport(TransportContract):
+    def expect_ok(self, name):
+        proc = run_mpi(name, self.size)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def expect_abort(self, name):
+        proc = run_mpi(name, self.size)
+        assert proc.returncode != 0
+        assert "RuntimeError: boom on purpose" in proc.stderr
+
+
+def test_backoff_spins_then_sleeps_up_to_the_cap():
+    b = Backoff(spin=0.0, min_sleep=0.001, max_sleep=0.004)
+    assert [b.next_delay() for _ in range(4)] == [0.001, 0.002, 0.004, 0.004]
+    b = Backoff(spin=60.0)
+    b.activity()
+    assert b.next_delay() == 0.0
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.INFO)
+    transport = MPITransport()
+    SCENARIOS[sys.argv[1]](transport)
+    transport.close()
