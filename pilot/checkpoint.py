@@ -272,6 +272,7 @@ class Checkpoint:
                 return
 
     def _flush_locked(self) -> None:
+        self.hook("journal-swap")
         with self._plock:
             rows, logs = self._pending, self._pending_logs
             self._pending, self._pending_logs = [], []

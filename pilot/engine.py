@@ -41,7 +41,7 @@ class Engine:
         self.max_failures = max_failures
         self.cluster = Cluster(self.nodes, self.memory_request, graph.cpus, graph.label,
                                len(graph.labels))
-        self._waiting = np.diff(graph.parent_ptr).astype(np.int32)
+        self._waiting = np.diff(graph.parent_ptr).tolist()   # parents not done, per task
         self._child_ptr = graph.child_ptr.tolist()
         self._labels = graph.label.tolist()
         self._count = [0] * len(State)
@@ -53,7 +53,7 @@ class Engine:
         self._init_labels(runtime_estimates)
         self.policy = policy if policy is not None else DefaultPolicy()
         self.policy.attach(graph, self.cluster)
-        self._promote(np.flatnonzero(self._waiting == 0), 0.0)
+        self._promote(np.flatnonzero(np.diff(graph.parent_ptr) == 0), 0.0)
         self._trans.clear()
 
     # ---- set-up -------------------------------------------------------------------
@@ -102,13 +102,17 @@ class Engine:
 
     def reset_failed(self) -> list:
         """--retry-failed: failed and dep_fail tasks back to pending with fresh attempts."""
+        if self.cluster.n_active:
+            raise RuntimeError("reset_failed() needs nothing launched or running")
         tasks = np.flatnonzero(np.isin(self.state, (F, X)))
-        for t in tasks:
-            self._move(int(t), P, 0.0)
+        old = self.state[tasks].copy()
+        self._log.extend(tasks, old, P, 0.0)
+        self.state[tasks] = P
         self.attempts[tasks] = 0
         self.ooms[tasks] = 0
         self.memory_request[tasks] = self.graph.memory_mb[tasks]
-        return self._rebuild()
+        reset = [(int(t), State(a), State.PENDING) for t, a in zip(tasks.tolist(), old.tolist())]
+        return reset + self._rebuild()
 
     def _ooms_from_request(self) -> np.ndarray:
         g = self.graph
@@ -118,12 +122,13 @@ class Engine:
         return np.where(g.memory_multiplier > 1, n, 0).astype(np.int16)
 
     def _rebuild(self) -> list:
-        self._waiting[:] = parents_not_done(self.graph, self.state)
+        waiting = parents_not_done(self.graph, self.state)
+        self._waiting = waiting.tolist()
         self.state[(self.state == R)] = P
         self._count = np.bincount(self.state, minlength=len(State)).tolist()
         self.policy.attach(self.graph, self.cluster)
         self._trans = []
-        self._promote(np.flatnonzero((self._waiting == 0) & (self.state == P)), 0.0)
+        self._promote(np.flatnonzero((waiting == 0) & (self.state == P)), 0.0)
         made, self._trans = self._trans, []
         return [(t, State(a), State(b)) for t, a, b in made]
 
@@ -201,15 +206,11 @@ class Engine:
         self._est_count[label] += 1
         self._refresh_label(label)
         a, b = self._child_ptr[t], self._child_ptr[t + 1]
-        if b - a > 8:
-            kids = self.graph.child_idx[a:b]
-            self._waiting[kids] -= 1
-            self._promote(kids[self._waiting[kids] == 0], event.end)
-        elif b > a:
+        if b > a:
             waiting, free = self._waiting, []
             for k in self.graph.child_idx[a:b].tolist():
                 waiting[k] -= 1
-                if waiting[k] == 0:
+                if not waiting[k]:
                     free.append(k)
             if free:
                 self._promote(np.array(free, dtype=np.int64), event.end)

@@ -45,7 +45,7 @@ def _check_parents(engine) -> None:
     waiting = parents_not_done(engine.graph, engine.state)
     started = np.isin(engine.state, (R, L, U, D))
     assert not waiting[started].any(), "a ready/launched/running/done task has a parent not done"
-    assert np.array_equal(waiting[engine.state == P], engine._waiting[engine.state == P]), \
+    assert np.array_equal(waiting[engine.state == P], np.array(engine._waiting)[engine.state == P]), \
         "waiting-parent counters are wrong"
     assert not ((engine.state == P) & (waiting == 0)).any(), "a pending task has all parents done"
 

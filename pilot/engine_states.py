@@ -33,14 +33,6 @@ TRANSITIONS = {
 }
 ALLOWED = frozenset((int(a), int(b)) for a, b in TRANSITIONS)
 
-_ALLOWED_MATRIX = np.zeros((len(State), len(State)), dtype=bool)
-for _a, _b in ALLOWED:
-    _ALLOWED_MATRIX[_a, _b] = True
-
-
-def allowed(old: int, new: int) -> bool:
-    return bool(_ALLOWED_MATRIX[old, new])
-
 
 class IllegalTransition(RuntimeError):
     """A forbidden state change; ``history`` is the task's [(time, old, new), ...]."""

@@ -155,10 +155,11 @@ def _csr_both_ways(n: int, parent_ptr, parent_idx):
     key = _sorted_unique(child * n + parent)
     child, parent = np.divmod(key, n) if n else (key, key)
     new_parent_ptr = _ptr_from_sorted(child, n)
-    by_parent = np.argsort(parent, kind="stable")
-    child_ptr = _ptr_from_sorted(parent[by_parent], n)
-    return (new_parent_ptr, parent.astype(np.int32), child_ptr,
-            child[by_parent].astype(np.int32))
+    # the keys are unique, so a plain sort of parent * n + child orders the children CSR
+    # (several times faster than a stable argsort by parent)
+    children = np.sort(parent * n + child) % n if n else key
+    return (new_parent_ptr, parent.astype(np.int32), _ptr_from_sorted(parent, n),
+            children.astype(np.int32))
 
 
 def _sorted_unique(values: np.ndarray, counts: bool = False):

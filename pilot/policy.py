@@ -168,9 +168,10 @@ class _View:
     def __init__(self, cluster, now: float, min_m: int, min_c: int):
         self.fm = fm = cluster.free_memory.tolist()
         self.fc = fc = cluster.free_cores.tolist()
-        self.open = [j for j in range(len(fm)) if fm[j] >= min_m and fc[j] >= min_c]
+        room = (cluster.free_memory >= min_m) & (cluster.free_cores >= min_c)
         if cluster.lost:
-            self.open = [j for j in self.open if cluster.alive[j]]
+            room &= cluster.alive
+        self.open = np.flatnonzero(room).tolist()
         self.min_m, self.min_c = min_m, min_c
         self.running = cluster.label_running.tolist()
         self.limit = cluster.label_limit.tolist()

@@ -199,7 +199,7 @@ class _Sim:
 
 def simulate(graph, nodes, policy=None, runtimes=None, *, estimates=True, peak_mb=None,
              outcome=None, started=False, check=None, max_failures=None, deadline=None,
-             margin_s=0.0, drain_at=None, lose=()) -> SimResult:
+             margin_s=0.0, drain_at=None, lose=(), setup=None) -> SimResult:
     """Run ``graph`` on ``nodes`` in simulated time and return the figures.
 
     ``runtimes``: seconds per task (default 1 s each). ``estimates``: give the engine the
@@ -208,7 +208,8 @@ def simulate(graph, nodes, policy=None, runtimes=None, *, estimates=True, peak_m
     ``outcome(task, attempt, memory_mb)`` may return ``(Failure, exit_code)`` to fail an
     attempt. ``started``: also send TaskStarted. ``check(engine, event)`` runs after every
     event. ``deadline``/``margin_s``: engine.set_deadline. ``drain_at``: time of a Drain.
-    ``lose``: [(time, node)] node losses.
+    ``lose``: [(time, node)] node losses. ``setup(engine)`` runs once before the first
+    event (e.g. to add listeners).
     """
     runtimes = np.ones(graph.size) if runtimes is None else np.asarray(runtimes, dtype=np.float64)
     if estimates is True:
@@ -217,6 +218,8 @@ def simulate(graph, nodes, policy=None, runtimes=None, *, estimates=True, peak_m
                     runtime_estimates=estimates if estimates is not False else None)
     if deadline is not None:
         engine.set_deadline(deadline, margin_s)
+    if setup is not None:
+        setup(engine)
     sim = _Sim(engine, runtimes, peak_mb, outcome, started, check)
     if drain_at is not None:
         sim.push(float(drain_at), _DRAIN, None)

@@ -60,14 +60,16 @@ def load_site(stream, name: str = "<site>") -> Site:
         where = f" line {mark.line + 1}" if mark else ""
         raise UserError(f"{name}:{where} not valid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(data, dict):
-        raise UserError(f"{name}: a site file is a mapping of keys (cores_per_node, memory_per_node_mb, launch, ...)")
+        raise UserError(f"{name}: a site file is a mapping of keys "
+                        "(cores_per_node, memory_per_node_mb, launch, ...)")
     return _site_from_mapping(data, name)
 
 
 def _site_from_mapping(data: dict, name: str) -> Site:
     unknown = sorted(set(data) - set(_REQUIRED) - set(_OPTIONAL), key=str)
     if unknown:
-        raise UserError(f"{name}: unknown key {unknown[0]!r} (known: {', '.join(sorted({**_REQUIRED, **_OPTIONAL}))})")
+        known = ", ".join(sorted({**_REQUIRED, **_OPTIONAL}))
+        raise UserError(f"{name}: unknown key {unknown[0]!r} (known: {known})")
     for key in _REQUIRED:
         if data.get(key) is None:
             raise UserError(f"{name}: missing required key {key!r}")

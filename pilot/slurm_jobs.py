@@ -102,8 +102,8 @@ def submit(site: Site, options: JobOptions) -> Submission:
     script.chmod(0o755)
     out = _slurm(["sbatch", "--parsable", str(script), "1"], "submit")
     job = out.strip().split(";")[0]
-    append_record(run_dir, "submit", job, index=1, site=site.name, nodes=options.nodes,
-                  walltime=options.walltime_s, max_jobs=options.max_jobs)
+    append_record(run_dir, "submit", job, index=1, workflow=options.workflow, site=site.name,
+                  nodes=options.nodes, walltime=options.walltime_s, max_jobs=options.max_jobs)
     return Submission(job, script)
 
 

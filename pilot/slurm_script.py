@@ -19,6 +19,20 @@ SCRIPT_NAME = "job.sh"
 CHAIN_NAME = "chain.jsonl"
 CANCELLED_NAME = "cancelled"
 
+# Every rank runs under this bash program (``bash -c RANK_WRAPPER name command...``). For rank 0 it
+# writes "node pid" to $PILOT_RANK0_PID and the exit code to $PILOT_RANK0_RC. It ignores USR1 and TERM
+# itself: srun (through slurmstepd) and MPICH's mpiexec signal every process of a rank, so the pilot
+# gets them directly and the wrapper only has to outlive it.
+RANK_WRAPPER = r"""
+trap : USR1 TERM
+"$@" & pid=$!
+rank=${PMI_RANK:-${SLURM_PROCID:-0}}
+[ "$rank" != 0 ] || echo "${SLURMD_NODENAME:-$(hostname)} $pid" >"$PILOT_RANK0_PID"
+while :; do wait "$pid"; rc=$?; kill -0 "$pid" 2>/dev/null || break; done
+[ "$rank" != 0 ] || echo "$rc" >"$PILOT_RANK0_RC"
+exit "$rc"
+"""
+
 _HEADER = """\
 #!/bin/bash
 # pilot batch job, written by `pilot submit` for site {site}.
@@ -70,22 +84,11 @@ end_epoch() {{
     case "$end" in 20*) date -d "$end" +%s ;; esac
 }}
 
-# Every rank runs under this wrapper. For rank 0 it keeps the node and pid (for drain above) and
-# the exit code: when the job is signalled, srun reports its own status (143), not the pilot's.
-# srun signals every process of the step; other launchers signal only their children, so there
-# the wrapper passes signals on.
-rank_wrapper='
-forward() {{ [ "$PILOT_FORWARD_SIGNALS" = 0 ] || kill -"$1" "$pid" 2>/dev/null; }}
-trap "forward USR1" USR1; trap "forward TERM" TERM
-"$@" & pid=$!
-rank=${{PMI_RANK:-${{SLURM_PROCID:-0}}}}
-[ "$rank" != 0 ] || echo "${{SLURMD_NODENAME:-$(hostname)}} $pid" >"$PILOT_RANK0_PID"
-while :; do wait "$pid"; rc=$?; kill -0 "$pid" 2>/dev/null || break; done
-[ "$rank" != 0 ] || echo "$rc" >"$PILOT_RANK0_RC"
-exit "$rc"'
+# Every rank runs under this wrapper, which keeps rank 0's node and pid (for drain above) and its
+# exit code: when the job is signalled, srun reports its own status (143), not the pilot's.
+rank_wrapper='{rank_wrapper}'
 THIS_NODE=${{SLURMD_NODENAME:-$(hostname)}}
 mkdir -p "$RUN_DIR/jobs"
-export PILOT_FORWARD_SIGNALS={forward}
 export PILOT_RANK0_PID="$RUN_DIR/jobs/$SLURM_JOB_ID.rank0.pid"
 export PILOT_RANK0_RC="$RUN_DIR/jobs/$SLURM_JOB_ID.rank0.rc"
 
@@ -153,12 +156,6 @@ def signal_margin(drain_margin: int) -> int:
     return max(1, drain_margin // 2)
 
 
-def forwards_signals(launch: str) -> bool:
-    """Whether the rank wrapper must pass signals on (not under srun, which signals every process)."""
-    words = shlex.split(launch)
-    return not words or words[0].rsplit("/", 1)[-1] != "srun"
-
-
 def render_script(site: Site, options: JobOptions) -> str:
     """The complete batch script text for ``site`` and ``options``."""
     launch = launch_line(site, options.nodes)
@@ -169,7 +166,7 @@ def render_script(site: Site, options: JobOptions) -> str:
     body = _BODY.format(
         run_dir=q(options.run_dir), workflow=q(options.workflow), checkpoint=q(options.checkpoint),
         max_jobs=options.max_jobs, drain_margin=options.drain_margin, chain=CHAIN_NAME,
-        cancelled=CANCELLED_NAME, script=SCRIPT_NAME, forward=int(forwards_signals(launch)),
+        cancelled=CANCELLED_NAME, script=SCRIPT_NAME, rank_wrapper=RANK_WRAPPER,
         setup="\n".join(site.setup) if site.setup else "# (none)", launch=launch,
         pilot=site.pilot_command, cores=site.cores_per_node,
         run_args="".join(" " + q(a) for a in options.run_args))

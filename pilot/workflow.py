@@ -184,7 +184,8 @@ class _TaskScan:
         if checked is None:
             return False
         self.ids, (self.commands, self.all_commands) = ids, checked
-        self.overrides = _with_more_keys(tasks, (ids, labels, deps, commands))
+        self.overrides = _with_more_keys(tasks, (ids, labels, deps, self.commands),
+                                         (False, True, True, not self.all_commands))
         for i in self.overrides:
             check_keys(tasks[i], TASK_KEYS, f"task {ids[i]}")
         return True
@@ -212,7 +213,7 @@ class _TaskScan:
                 number = self._new_label(numbers, task, tid)
             label_of.append(number)
             deps = task.get("after")
-            if type(deps) is str:
+            if type(deps) is str or (type(deps) is int and not isinstance(deps, bool)):
                 after.append(deps)
                 counts.append(1)
             elif isinstance(deps, list):
@@ -266,11 +267,11 @@ def _plain_commands(commands: list) -> tuple[list, bool] | None:
     return list(map(distinct.__getitem__, commands)), None not in distinct
 
 
-def _with_more_keys(tasks: list, columns) -> list[int]:
+def _with_more_keys(tasks: list, columns, maybe_none) -> list[int]:
     """Tasks with keys beyond id, label, after and command (overrides or unknown keys)."""
-    # count(None) compares every item, so only where a None may be (labels, after)
-    known = sum(len(column) - (column.count(None) if maybe_none else 0)
-                for column, maybe_none in zip(columns, (False, True, True, False)))
+    # count(None) compares every item, so only in columns where a None may be
+    known = sum(len(column) - (column.count(None) if none else 0)
+                for column, none in zip(columns, maybe_none))
     if sum(map(len, tasks)) == known:
         return []
     present = sum(np.fromiter(map(operator.is_not, column, repeat(None)), dtype=np.int64,
@@ -353,7 +354,7 @@ def _resolve_after_slowly(scan: _TaskScan, tasks: list) -> np.ndarray:
     parents = []
     for i, task in enumerate(tasks):
         deps = task.get("after")
-        for dep in [deps] if type(deps) is str else deps or ():
+        for dep in deps if isinstance(deps, list) else () if deps is None else [deps]:
             parents.append(_parent_number(scan, task, i, dep))
     return np.asarray(parents, dtype=np.int64)
 

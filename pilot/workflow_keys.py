@@ -53,12 +53,16 @@ class _Bad(Exception):
 
 def show(value, limit: int = 40) -> str:
     """A value for an error message: short, quoted, always one line."""
-    text = repr(value)
-    if isinstance(value, dict):
-        text = "a mapping"
-    elif isinstance(value, list):
-        text = "a list"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    try:
+        text = repr(dict(value) if isinstance(value, dict) else value)
+    except (RecursionError, ValueError):  # very deep, or an int too long to print
+        return "a mapping" if isinstance(value, dict) else "a list" if isinstance(value, list) \
+            else "a value that cannot be shown"
+    if len(text) <= limit:
+        return text
+    if isinstance(value, (dict, list)):
+        return "a mapping" if isinstance(value, dict) else "a list"
+    return text[:limit - 3] + "..."
 
 
 def check_keys(mapping: dict, allowed: frozenset, context: str) -> None:
@@ -88,7 +92,7 @@ def _number(key: str, value, *, integer: bool, low: float, high: float):
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _Bad(f"{key} must be {kind}, got {show(value)}")
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         raise _Bad(f"{key} must be a finite number, got {show(value)}")
     if integer and value != int(value):
         raise _Bad(f"{key} must be {kind}, got {show(value)}")

@@ -57,25 +57,36 @@ class _LineLoader(_BaseLoader):
             return super().construct_object(node, deep=deep)
         except (ValueError, OverflowError) as err:  # e.g. int('9'*5000), a bad date
             raise yaml.constructor.ConstructorError(
-                None, None, f"bad value: {err}", node.start_mark) from None
+                None, None, f"bad value: {str(err).split(';')[0]}", node.start_mark) from None
 
 
 def _construct_mapping(loader, node):
-    loader.flatten_mapping(node)
+    _check_unique_keys(loader, node)
+    loader.flatten_mapping(node)  # merge keys (<<) come first; explicit keys override them
     result = LineDict()
     result.line, result.lines = node.start_mark.line + 1, {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
-        if not _hashable(key):
-            raise yaml.constructor.ConstructorError(
-                None, None, "a mapping key must be a plain value", key_node.start_mark)
-        if key in result:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (also at line {result.lines[key]})",
-                key_node.start_mark)
         result[key] = loader.construct_object(value_node, deep=True)
         result.lines[key] = key_node.start_mark.line + 1
     return result
+
+
+def _check_unique_keys(loader, node) -> None:
+    """Plain, unique keys among those written in this mapping (not merged ones)."""
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if not _hashable(key):
+            raise yaml.constructor.ConstructorError(
+                None, None, "a mapping key must be a plain value", key_node.start_mark)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (also at line {seen[key]})",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark.line + 1
 
 
 def _construct_sequence(loader, node):

@@ -18,7 +18,7 @@ from pilot.events import Failure, Node, Schedule, State, TaskFinished, TaskStart
 from pilot.graph import make_graph
 from pilot.journal import journal_generations, journal_path, read_journal
 from tests.helpers import wait_for
-from tests.test_kill_loop import HOOK_STEPS, durable_done, read_records, start_child
+from tests.test_kill_loop import HOOK_STEPS, durable_done, read_records, start_child, synced_records
 
 
 def chain_graph(n=12, command="true"):
@@ -61,28 +61,26 @@ def test_restart_keeps_done_attempts_and_scaled_memory(tmp_path):
     path, graph = tmp_path / "c.h5", chain_graph()
     ck = open_checkpoint(path, graph)
     engine = new_engine(graph, ck)
-    launches = engine.handle(Schedule(0.0))          # t0 and t4 on one node (2 cores)
-    first, second = launches[0], launches[1]
+    first, second = engine.handle(Schedule(0.0))[:2]      # t0 and t4 on one node (2 cores)
     finish(engine, first, log="/logs/t0.1.log")
-    finish(engine, second, Failure.OOM, code=None)    # retried with twice the memory
-    relaunch = [a for a in engine.handle(Schedule(3.0))] + []
-    running = engine.state == State.RUNNING
+    finish(engine, second, Failure.OOM, code=None)         # retried with twice the memory
     assert engine.memory_request[second.task] == 200
-    ck.close()                                        # as after a kill: nothing more recorded
+    ck.close()
 
     ck2 = open_checkpoint(path, graph)
     state, attempts, memory = ck2.restored
-    assert state[first.task] == State.DONE
-    assert state[second.task] == State.PENDING and attempts[second.task] == 1
-    assert memory[second.task] == 200
+    assert state[first.task] == State.DONE and attempts[first.task] == 1
+    assert attempts[second.task] == 1 and memory[second.task] == 200
+    assert state[second.task] in (State.PENDING, State.DONE)
     assert not np.isin(state, (State.LAUNCHED, State.RUNNING, State.READY)).any()
-    assert not running.any() or relaunch is not None
     engine2 = new_engine(graph, ck2)
     assert engine2.state[first.task] == State.DONE
+    assert engine2.memory_request[second.task] == 200
     ck2.close()
     view = load_checkpoint(path)
     assert view.table.log[first.task] == "/logs/t0.1.log"
     assert view.table.peak_rss_mb[first.task] == pytest.approx(12.5)
+    assert view.table.failure[second.task] == Failure.OOM
 
 
 def test_in_flight_attempt_is_not_counted_after_a_restart(tmp_path):
@@ -218,10 +216,10 @@ def test_kill_at_each_durable_step_leaves_a_good_checkpoint(tmp_path, step):
     child = start_child(ckpt, records, 60, f"{step}:2", pace=0.01, compact_bytes=1024)
     assert child.wait(timeout=60) == -signal.SIGKILL, child.stderr.read().decode()[-2000:]
     done = durable_done(ckpt)
-    count = len(read_records(records))
-    assert done <= {tid for tid, _ in read_records(records)}
-    if step != "journal-write":
-        assert done, "the flushed completions before the kill are in the checkpoint"
+    lines = [tid for tid, _ in read_records(records)]
+    count = len(lines)
+    assert done <= set(lines)
+    assert {lines[i] for i in synced_records(records)} <= done   # every fsynced completion is there
     again = start_child(ckpt, records, 60)
     assert again.wait(timeout=60) == 0, again.stderr.read().decode()[-2000:]
     later = {tid for tid, _ in read_records(records)[count:]}

@@ -79,6 +79,10 @@ class Checker:
         self.expected_ends: list[float] = []
         self.engine = None
 
+    def bind(self, engine) -> None:
+        self.engine = engine
+        engine.listeners.append(self)
+
     def cap(self, t: int) -> float:
         mx = int(self.g.memory_max[t])
         largest = max(nd.memory_mb for nd in self.nodes if nd.cores >= self.g.cpus[t])
@@ -129,19 +133,8 @@ class Checker:
 
 def run_checked(w: Workload, policy, **options):
     checker = Checker(w.graph, w.nodes)
-    original = Engine.__init__
-
-    def init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        checker.engine = self
-        self.listeners.append(checker)
-
-    Engine.__init__ = init
-    try:
-        result = simulate(w.graph, w.nodes, policy, w.runtimes, peak_mb=w.peak, outcome=w.outcome,
-                          check=checker, **options)
-    finally:
-        Engine.__init__ = original
+    result = simulate(w.graph, w.nodes, policy, w.runtimes, peak_mb=w.peak, outcome=w.outcome,
+                      check=checker, setup=checker.bind, **options)
     return result, checker
 
 

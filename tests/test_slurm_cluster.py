@@ -92,8 +92,10 @@ def test_cancel_drains_and_a_new_submit_resumes(slurm_env, run, tmp_path):
     end = wait_for(lambda: chain_end(run, job), 60, what="the scancelled job's end record")
     assert (end["exit"], end["next"]) == (3, "") and "TERM" in end["signals"]
 
+    # scancel sends TERM to every process of the job, the tasks included: a task that dies of it before
+    # its agent hears the same signal is recorded as failed by a signal, so the resume retries failures.
     wait_for(lambda: _queue_empty(slurm_env), 60, what="an empty queue")
-    job = submit(slurm_env, workflow, run, *options)
+    job = submit(slurm_env, workflow, run, *options, "--run-args=--retry-failed")
     ends = wait_chain_done(run, job, timeout=120)
     assert [(e["job"], e["exit"]) for e in ends] == [(job, 0)]
     completed_once(read_records(records_file), 64)

@@ -13,7 +13,7 @@ from pilot.errors import UserError
 from pilot.slurm import (SITES_DIR, JobOptions, format_walltime, launch_line, load_site, parse_walltime,
                          resolve_site)
 from pilot.slurm_jobs import chain_jobs, read_chain
-from pilot.slurm_script import forwards_signals, render_script, sbatch_directives, signal_margin
+from pilot.slurm_script import render_script, sbatch_directives, signal_margin
 
 SHIPPED = ("cori-knl", "csd3-cclake", "csd3-icelake", "generic", "local")
 
@@ -152,15 +152,6 @@ def test_script_is_valid_bash(name, tmp_path):
     proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert script.read_text().startswith("#!/bin/bash\n")
-
-
-def test_wrapper_forwards_signals_only_without_srun():
-    assert not forwards_signals("srun --mpi=pmi2 -n 5")
-    assert not forwards_signals("/usr/bin/srun -n 5")
-    assert forwards_signals("mpiexec -n 5")
-    site = load_site(io.StringIO(site_text(launch="mpiexec -n {ranks}")))
-    assert "export PILOT_FORWARD_SIGNALS=1" in render_script(site, options())
-    assert "export PILOT_FORWARD_SIGNALS=0" in render_script(resolve_site("local"), options())
 
 
 def test_chain_record_reading(tmp_path):

@@ -30,14 +30,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the pilot drains S seconds before the time limit (default: the site's, else 300)")
     parser.add_argument("--job-name", metavar="NAME", help="Slurm job name (default pilot-<workflow name>)")
     parser.add_argument("--run-args", default="", metavar="'ARGS'",
-                        help="more `pilot run` options, as one quoted string (e.g. '--max-failures 10')")
+                        help="more `pilot run` options, as one string after '=' "
+                             "(e.g. --run-args='--max-failures 10')")
     parser.add_argument("--dry-run", action="store_true", help="write the script and print it; do not submit")
 
 
 def run(args) -> int:
     from pilot.slurm import JobOptions, parse_walltime, resolve_site
     from pilot.slurm_jobs import default_run_dir, submit
-    from pilot.slurm_script import SCRIPT_NAME, render_script
+    from pilot.slurm_script import render_script
 
     site = resolve_site(args.site)
     workflow = os.path.abspath(args.workflow)

@@ -110,8 +110,8 @@ def bps_config_from_mapping(data, name: str = "<bps config>") -> BpsConfig:
     if not isinstance(labels, dict) or not all(isinstance(v, dict) for v in labels.values()):
         raise UserError(f"{name}: 'pipetask' must map task labels to sections of keys")
     config = BpsConfig(top=data, labels=labels, final=_final_job(data, name), name=name)
-    for label in [*labels, None]:
-        config.requests(label if label is not None else "")  # validate every section now
+    for label in (*labels, ""):   # "" is no section: the top level alone
+        config.requests(label)    # a bad value fails now, naming its section
     return config
 
 

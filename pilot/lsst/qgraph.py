@@ -17,6 +17,7 @@ hold each task's quantum UUID (None for the init job) and data ID (a dict).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -164,9 +165,17 @@ def load_qgraph(path, repo, config: BpsConfig | None = None, mode: str = "warm")
     except Exception as err:  # the middleware raises many types for a bad file
         raise UserError(f"{path}: not a readable QuantumGraph ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
-    final = (config or default_config()).final
+    final = final_job_for(path, (config or default_config()).final)
     run = LsstRun(str(repo), str(path), mode, sys.executable, final, quanta.output_run)
     return build_graph(quanta, run, config)
+
+
+def final_job_for(path: Path, final: FinalJob) -> FinalJob:
+    """``aggregate-graph`` reads only new-format graphs: an old ``.qgraph`` uses transfer-from-graph."""
+    if str(path).endswith(".qgraph") and final.tool == "aggregate":
+        log.info("%s: old graph format, the final job is butler transfer-from-graph", path)
+        return dataclasses.replace(final, tool="transfer", extra_options=())
+    return final
 
 
 def _check_inputs(path: Path, repo: Path, mode: str) -> None:

@@ -6,12 +6,14 @@ building a different graph. ``GatherTask`` is a fan-in: one quantum per instrume
 the per-detector inputs.
 
 Set ``PILOT_LSST_TEST_FAIL`` to a comma-separated list of ``label:detector`` (for example
-``a:3``) to make those quanta raise.
+``a:3``) to make those quanta raise, and ``PILOT_LSST_TEST_SLEEP`` to a number of seconds that
+every ``FailableAddTask`` quantum sleeps first (to watch or kill a running quantum).
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -20,6 +22,7 @@ from lsst.pipe.base import connectionTypes as cT
 from lsst.pipe.base.tests.simpleQGraph import AddTask
 
 FAIL_ENV = "PILOT_LSST_TEST_FAIL"
+SLEEP_ENV = "PILOT_LSST_TEST_SLEEP"
 
 
 def should_fail(label: str, detector: int, spec: str | None) -> bool:
@@ -32,6 +35,7 @@ class FailableAddTask(AddTask):
     """AddTask that raises for the quanta named in ``PILOT_LSST_TEST_FAIL``."""
 
     def runQuantum(self, butlerQC, inputRefs, outputRefs):
+        time.sleep(float(os.environ.get(SLEEP_ENV) or 0))
         detector = butlerQC.quantum.dataId["detector"]
         if should_fail(self.getName(), detector, os.environ.get(FAIL_ENV)):
             raise RuntimeError(f"{self.getName()} detector {detector}: failing as asked by {FAIL_ENV}")

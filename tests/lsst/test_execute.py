@@ -1,0 +1,80 @@
+"""Quanta of a real graph executed in subprocess and warm mode, outputs read back from the
+repository after the final job (values checked)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+pytest.importorskip("lsst.ctrl.mpexec", reason="the Rubin middleware needs Python >= 3.12 "
+                    "(scripts/setup-lsst.sh makes .venv-lsst)")
+
+from pilot.lsst.qgraph import finish_run, load_qgraph  # noqa: E402
+from pilot.lsst.testing_tasks import FAIL_ENV, SLEEP_ENV  # noqa: E402
+from pilot.lsst.warm import WarmServer  # noqa: E402
+from pilot.runner import ProcessTable  # noqa: E402
+from tests.helpers import wait_for  # noqa: E402
+from tests.lsst.checks import check_outputs, quantum_tasks, read_outputs, run_command  # noqa: E402
+
+pytestmark = pytest.mark.lsst
+
+
+def test_subprocess_mode_runs_quanta_and_final_job_registers_them(test_repo, tmp_path):
+    graph = load_qgraph(test_repo.graph_qg, test_repo.repo, mode="subprocess")
+    assert run_command(graph, 0, tmp_path / "init.log") == 0
+    for t in quantum_tasks(graph, "a", {0, 1}) + quantum_tasks(graph, "b", {0, 1}):
+        assert run_command(graph, t, tmp_path / f"{t}.log") == 0, (tmp_path / f"{t}.log").read_text()
+    assert finish_run(graph, 3, tmp_path) == 3          # drained: work left, outputs registered
+    found = read_outputs(test_repo.repo)
+    check_outputs(test_repo, found, [0, 1], gather=False)
+    assert ("add_dataset1", 2) not in found
+
+
+def warm_run(server, graph, task, logdir, env=None) -> tuple[int, str]:
+    """Launch one quantum on the warm server and wait for it (it is our child)."""
+    log = str(logdir / f"{graph.ids[task]}.log")
+    pid = server.launch(graph.commands[task][4:], log, {**os.environ, **(env or {})})
+    _, status, _ = os.wait4(pid, 0)
+    return os.waitstatus_to_exitcode(status), log
+
+
+def test_warm_mode_runs_every_quantum(test_repo, tmp_path):
+    graph = load_qgraph(test_repo.graph_qg, test_repo.repo, mode="warm")
+    assert run_command(graph, 0, tmp_path / "init.log") == 0
+    server = WarmServer(graph.commands[1][0], str(test_repo.graph_qg), str(test_repo.repo))
+    try:
+        for t in quantum_tasks(graph):
+            code, log = warm_run(server, graph, t, tmp_path)
+            text = open(log).read()
+            assert code == 0, text[-2000:]
+            assert f"forked from warm server {server.proc.pid}" in text
+    finally:
+        server.close()
+    assert finish_run(graph, 0, tmp_path) == 0
+    check_outputs(test_repo, read_outputs(test_repo.repo), range(test_repo.detectors), gather=True)
+
+
+def test_warm_child_failure_and_kill_leave_the_server_serving(test_repo, tmp_path):
+    graph = load_qgraph(test_repo.graph_qgraph, test_repo.repo, mode="warm")
+    assert run_command(graph, 0, tmp_path / "init.log") == 0
+    a3, a4 = quantum_tasks(graph, "a", {3}) + quantum_tasks(graph, "a", {4})
+    server = WarmServer(graph.commands[1][0], str(test_repo.graph_qgraph), str(test_repo.repo))
+    try:
+        code, log = warm_run(server, graph, a3, tmp_path, {FAIL_ENV: "a:3"})
+        assert code == 1 and "failing as asked" in open(log).read()
+        pid = server.launch(graph.commands[a4][4:], str(tmp_path / "slow.log"),
+                            {**os.environ, SLEEP_ENV: "60"})
+        rss = wait_for(lambda: ProcessTable.scan().rss_mb(pid, pid) > 50, 60, what="child memory")
+        assert rss and os.getpgid(pid) == pid        # watchable and killable as a group
+        os.killpg(pid, signal.SIGKILL)
+        _, status, _ = os.wait4(pid, 0)
+        assert os.WTERMSIG(status) == signal.SIGKILL
+        assert server.alive
+        for t in (a3, a4):
+            assert warm_run(server, graph, t, tmp_path)[0] == 0
+    finally:
+        server.close()
+    assert finish_run(graph, 1, tmp_path) == 1
+    check_outputs(test_repo, read_outputs(test_repo.repo), [3, 4], gather=False)
