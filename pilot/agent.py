@@ -104,9 +104,13 @@ class Agent:
         return [by_fd[fd] for fd in readable]
 
     def _sample(self) -> None:
-        table = ProcessTable.scan()
-        for runner in self.runners.values():
-            runner.observe(table.rss_mb(runner.pid, runner.pid))
+        # An attempt is first sampled one interval after it starts: short tasks cost no scan.
+        now = time.monotonic()
+        due = [r for r in self.runners.values() if now - r.started_mono >= self.watch.sample_interval]
+        if due:
+            table = ProcessTable.of_trees(r.pid for r in due)
+            for runner in due:
+                runner.observe(table.rss_mb(runner.pid, runner.pid))
 
     def wait(self, timeout: float) -> None:
         """Sleep up to ``timeout`` s, waking as soon as an attempt ends or a check is due."""

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pilot.checkpoint_schema import (FINISHED, RESET, RESTART, STARTED, TRANSITION, UNCHANGED, Static,
-                                     TaskTable, history_mask, read_snapshot, write_snapshot)
+from pilot.checkpoint_schema import (FINISHED, LOST, RESET, RESTART, STARTED, TRANSITION, UNCHANGED,
+                                     Static, TaskTable, history_mask, read_snapshot, write_snapshot)
 from pilot.errors import UserError
-from pilot.events import State, TaskFinished, TaskStarted
+from pilot.events import NodeLost, State, TaskFinished, TaskStarted
 from pilot.journal import (ROW, JournalWriter, Rows, encode_block, fsync_dir, journal_generations,
                            journal_path, read_journal)
 from pilot.lock import CheckpointLock, acquire
@@ -105,6 +105,7 @@ def event_rows(event, transitions, engine=None) -> tuple[list, list]:
     kind = type(event)
     own = event.task if kind is TaskStarted or kind is TaskFinished else -1
     when = event.end if kind is TaskFinished else event.time
+    other = LOST if kind is NodeLost else TRANSITION
     rows, logs = [], []
     for task, _old, new in transitions:
         task = int(task)
@@ -112,7 +113,7 @@ def event_rows(event, transitions, engine=None) -> tuple[list, list]:
             rows.append(_attempt_row(event, int(new), when, engine))
             logs.append(event.log if kind is TaskFinished else "")
         else:
-            rows.append(_state_row(task, int(new), when, engine))
+            rows.append(_state_row(task, int(new), when, engine, other))
             logs.append("")
     return rows, logs
 
@@ -123,9 +124,9 @@ def _known(engine, task: int) -> tuple[int, int, int]:
     return int(engine.attempts[task]), int(engine.memory_request[task]), int(engine.node_of[task])
 
 
-def _state_row(task: int, new: int, when: float, engine) -> tuple:
+def _state_row(task: int, new: int, when: float, engine, kind: int) -> tuple:
     attempts, memory, node = _known(engine, task)
-    return (task, TRANSITION, new, 0, 0, attempts, -1, 0, node, memory, when,
+    return (task, kind, new, 0, 0, attempts, -1, 0, node, memory, when,
             np.nan, np.nan, 0.0, 0.0)
 
 

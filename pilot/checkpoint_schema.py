@@ -25,9 +25,9 @@ FORMAT_VERSION = 1
 # Row kinds: what event wrote a row. For STARTED/FINISHED rows (the event's own task) the
 # attempt fields (failure ... log) are meaningful; other rows only move state, attempts,
 # memory request and node.
-TRANSITION, STARTED, FINISHED, RESTART, RESET = 0, 1, 2, 3, 4
+TRANSITION, STARTED, FINISHED, RESTART, RESET, LOST = 0, 1, 2, 3, 4, 5
 KIND_NAMES = {TRANSITION: "transition", STARTED: "started", FINISHED: "finished",
-              RESTART: "restart", RESET: "reset"}
+              RESTART: "restart", RESET: "reset", LOST: "lost"}
 UNCHANGED = -2  # attempts / memory_request / node value meaning "not known by this row"
 
 STATIC_FIELDS = ("label", "memory_mb", "cpus", "retries", "memory_multiplier", "memory_max",
@@ -131,22 +131,27 @@ def split_strings(blob: np.ndarray, n: int) -> list[str]:
 # ---- writing a snapshot -------------------------------------------------------------
 
 
-@dataclass
 class Static:
-    """The static part, encoded once per run."""
+    """The static part, encoded once per run (task ids only when a snapshot is written:
+    a restart does not need them)."""
 
-    graph_hash: str
-    ids_blob: np.ndarray
-    labels: list[str]
-    columns: dict
+    def __init__(self, graph, graph_hash: str):
+        self.graph_hash, self.labels = graph_hash, list(graph.labels)
+        self.columns = {name: np.asarray(getattr(graph, name)) for name in STATIC_FIELDS}
+        self._ids, self._blob = graph.ids, None
 
     @staticmethod
     def from_graph(graph, graph_hash: str) -> "Static":
-        ids = join_strings(graph.ids)
-        if graph.size and np.count_nonzero(ids == 0) != graph.size - 1:
-            raise UserError("a task id contains a NUL character, which the checkpoint cannot store")
-        columns = {name: np.asarray(getattr(graph, name)) for name in STATIC_FIELDS}
-        return Static(graph_hash, ids, list(graph.labels), columns)
+        return Static(graph, graph_hash)
+
+    @property
+    def ids_blob(self) -> np.ndarray:
+        if self._blob is None:
+            blob = join_strings(self._ids)
+            if len(self._ids) and np.count_nonzero(blob == 0) != len(self._ids) - 1:
+                raise UserError("a task id contains a NUL character, which the checkpoint cannot store")
+            self._blob = blob
+        return self._blob
 
 
 def write_snapshot(path: str, static: Static, table: TaskTable, generation: int,

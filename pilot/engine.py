@@ -44,6 +44,7 @@ class Engine:
         self._waiting = np.diff(graph.parent_ptr).tolist()   # parents not done, per task
         self._child_ptr = graph.child_ptr.tolist()
         self._labels = graph.label.tolist()
+        self._cpus = graph.cpus.tolist()
         self._count = [0] * len(State)
         self._count[P] = n
         self._log = TransitionLog()
@@ -267,16 +268,17 @@ class Engine:
         return launches
 
     def _launch(self, t: int, node: int, now: float) -> Launch:
-        g, c = self.graph, self.cluster
-        memory, cpus = int(self.memory_request[t]), int(g.cpus[t])
+        c = self.cluster
+        memory, cpus = int(self.memory_request[t]), self._cpus[t]
         if memory > c.free_memory[node] or cpus > c.free_cores[node] or not c.alive[node]:
             raise RuntimeError(f"policy over-committed node {node} with task {t}")
         self._move(t, L, now)
-        self.attempts[t] += 1
+        attempt = int(self.attempts[t]) + 1
+        self.attempts[t] = attempt
         self.node_of[t] = node
         self.start_time[t] = now
         c.place(t, node, memory, cpus, self._labels[t], now)
-        return Launch(task=t, attempt=int(self.attempts[t]), node=node, memory_mb=memory, cpus=cpus)
+        return Launch(task=t, attempt=attempt, node=node, memory_mb=memory, cpus=cpus)
 
     def _promote(self, tasks: np.ndarray, now: float) -> None:
         """PENDING -> READY for ``tasks`` (all parents done) and hand them to the policy."""

@@ -198,25 +198,48 @@ def topological_levels(graph: Graph) -> list[np.ndarray]:
     """Kahn's algorithm one level at a time: level k holds the tasks whose longest
     chain of ancestors has k tasks, each level sorted. Raises UserError on a cycle.
 
-    The result is cached in ``graph.levels`` (a Graph is not changed after it is built).
+    Wide levels are handled with whole-array numpy operations, narrow ones (long chains)
+    task by task, where numpy's per-call cost would dominate. The result is cached in
+    ``graph.levels`` (a Graph is not changed after it is built).
     """
     if graph.levels is not None:
         return graph.levels
-    n = graph.size
     indeg = np.diff(graph.parent_ptr)
+    views = (memoryview(graph.child_ptr), memoryview(graph.child_idx), memoryview(indeg))
     frontier = np.flatnonzero(indeg == 0)
     levels, placed = [], 0
     while frontier.size:
         levels.append(frontier)
         placed += frontier.size
-        kids, counts = _sorted_unique(_gather(graph.child_ptr, graph.child_idx, frontier),
-                                      counts=True)
-        indeg[kids] -= counts
-        frontier = kids[indeg[kids] == 0]
-    if placed < n:
+        if frontier.size > _NARROW:
+            frontier = _next_level_wide(graph, indeg, frontier)
+        else:
+            frontier = _next_level_narrow(frontier, *views)
+    if placed < graph.size:
         raise UserError("cycle: " + " -> ".join(_show(graph.ids[t]) for t in _find_cycle(graph, indeg)))
     graph.levels = levels
     return levels
+
+
+_NARROW = 32  # levels up to this many tasks are walked in Python
+
+
+def _next_level_wide(graph: Graph, indeg: np.ndarray, frontier: np.ndarray) -> np.ndarray:
+    kids, counts = _sorted_unique(_gather(graph.child_ptr, graph.child_idx, frontier),
+                                  counts=True)
+    indeg[kids] -= counts
+    return kids[indeg[kids] == 0].astype(np.int64)
+
+
+def _next_level_narrow(frontier: np.ndarray, ptr, idx, indeg) -> np.ndarray:
+    ready = []
+    for t in frontier.tolist():
+        for kid in idx[ptr[t]:ptr[t + 1]]:
+            indeg[kid] -= 1
+            if indeg[kid] == 0:
+                ready.append(kid)
+    ready.sort()
+    return np.array(ready, dtype=np.int64)
 
 
 def topological_order(graph: Graph) -> np.ndarray:
@@ -264,19 +287,33 @@ def priorities(graph: Graph, label_runtime=None) -> np.ndarray:
     """Longest remaining path from each task to a sink, counting the task itself.
 
     Weighted by :func:`task_weights`; computed level by level over the topological
-    order, from the last level back, in numpy. ``p[t] = w[t] + max(p[children])``.
+    order, from the last level back: ``p[t] = w[t] + max(p[children])``.
     """
     p = task_weights(graph, label_runtime).astype(np.float64, copy=True)
-    ptr, idx = graph.child_ptr, graph.child_idx
+    views = (memoryview(graph.child_ptr), memoryview(graph.child_idx), memoryview(p))
     for level in reversed(topological_levels(graph)):
-        counts = ptr[level + 1] - ptr[level]
-        has = counts > 0
-        if not has.any():
-            continue
+        if level.size > _NARROW:
+            _add_longest_child_wide(graph, p, level)
+        else:
+            _add_longest_child_narrow(level, *views)
+    return p
+
+
+def _add_longest_child_wide(graph: Graph, p: np.ndarray, level: np.ndarray) -> None:
+    ptr, idx = graph.child_ptr, graph.child_idx
+    counts = ptr[level + 1] - ptr[level]
+    has = counts > 0
+    if has.any():
         values = p[_gather(ptr, idx, level[has])]
         offsets = np.cumsum(counts[has]) - counts[has]
         p[level[has]] += np.maximum.reduceat(values, offsets)
-    return p
+
+
+def _add_longest_child_narrow(level: np.ndarray, ptr, idx, p) -> None:
+    for t in level.tolist():
+        start, end = ptr[t], ptr[t + 1]
+        if end > start:
+            p[t] += max(p[kid] for kid in idx[start:end])
 
 
 # ---- identity and fit ---------------------------------------------------------------

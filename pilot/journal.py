@@ -53,40 +53,49 @@ class Rows:
 
     @staticmethod
     def concat(parts: list["Rows"]) -> "Rows":
+        parts = [p for p in parts if len(p.rows)]
         if not parts:
             return Rows(np.zeros(0, ROW), np.zeros(1, np.int64), b"")
         if len(parts) == 1:
             return parts[0]
         rows = np.concatenate([p.rows for p in parts])
         lengths = np.concatenate([np.diff(p.log_ptr) for p in parts])
-        ptr = np.zeros(len(rows) + 1, np.int64)
-        np.cumsum(lengths, out=ptr[1:])
-        return Rows(rows, ptr, b"".join(p.blob for p in parts))
+        return Rows(rows, _ptr(lengths), b"".join(p.blob for p in parts))
+
+
+def _ptr(lengths: np.ndarray) -> np.ndarray:
+    ptr = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=ptr[1:])
+    return ptr
 
 
 def decode_blocks(data: bytes) -> tuple[Rows, int]:
     """(rows of every whole, valid block in order, bytes they span); stops at the first
     torn or corrupt block."""
-    parts, pos = [], 0
+    blocks, pos = _valid_blocks(data)
+    total = sum(n for _, n, _ in blocks)
+    rows, lengths, blobs, at = np.empty(total, ROW), np.empty(total, "<u4"), [], 0
+    for start, n, nlog in blocks:   # one copy into arrays sized once: journals can be large
+        rows[at:at + n] = np.frombuffer(data, ROW, n, start)
+        lengths[at:at + n] = np.frombuffer(data, "<u4", n, start + n * ROW.itemsize)
+        blobs.append(data[start + n * (ROW.itemsize + 4):start + n * (ROW.itemsize + 4) + nlog])
+        at += n
+    return Rows(rows, _ptr(lengths), b"".join(blobs)), pos
+
+
+def _valid_blocks(data: bytes) -> tuple[list, int]:
+    """[(payload offset, rows, log bytes)] of the leading valid blocks, and where they end."""
+    view, blocks, pos = memoryview(data), [], 0
     while pos + HEADER.size <= len(data):
         magic, n, nlog, crc = HEADER.unpack_from(data, pos)
         end = pos + HEADER.size + n * (ROW.itemsize + 4) + nlog
         if magic != MAGIC or end > len(data):
             break
-        payload = memoryview(data)[pos + HEADER.size:end]
-        if zlib.crc32(payload, zlib.crc32(data[pos:pos + 12])) != crc:
+        if zlib.crc32(view[pos + HEADER.size:end], zlib.crc32(view[pos:pos + 12])) != crc:
             break
-        parts.append(_parse_payload(payload, n))
+        blocks.append((pos + HEADER.size, n, nlog))
         pos = end
-    return Rows.concat(parts), pos
-
-
-def _parse_payload(payload: memoryview, n: int) -> Rows:
-    rows = np.frombuffer(payload, dtype=ROW, count=n).copy()
-    lengths = np.frombuffer(payload, dtype="<u4", count=n, offset=n * ROW.itemsize)
-    ptr = np.zeros(n + 1, np.int64)
-    np.cumsum(lengths, out=ptr[1:])
-    return Rows(rows, ptr, bytes(payload[n * (ROW.itemsize + 4):]))
+    return blocks, pos
 
 
 def read_journal(fd_or_path) -> Rows:

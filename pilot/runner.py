@@ -5,8 +5,8 @@ and :meth:`Runner.poll` until it returns the attempt's :class:`~pilot.events.Tas
 
 - The task runs in its own session and process group (a list command as argv, a string
   through ``/bin/sh -c``); stdout and stderr go to one log file.
-- Memory: the resident memory of the whole process tree (descendants of the task, plus any
-  process left in its process group) is summed from ``/proc/<pid>/stat``. Over
+- Memory: the resident memory of the whole process tree (the task and all its descendants,
+  found through ``/proc/<pid>/task/*/children``) is summed from ``/proc/<pid>/stat``. Over
   ``memory_mb * tolerance`` (default 1.10) the group is killed with SIGKILL: ``Failure.OOM``.
   A task killed by SIGKILL while the cgroup's ``oom_kill`` counter went up is OOM as well.
 - Time: over ``timeout`` seconds the group gets SIGTERM, then SIGKILL after a grace period:
@@ -73,6 +73,25 @@ class ProcessTable:
                     table[int(entry.name)] = row
         return cls(table)
 
+    @classmethod
+    def of_trees(cls, roots, proc: str = "/proc") -> "ProcessTable":
+        """Only the processes under ``roots``, found through ``/proc/<pid>/task/*/children``
+        (far cheaper than :meth:`scan` on a host with many other processes); falls back to a
+        full scan where the kernel lacks those files."""
+        table: dict[int, tuple[int, int, int]] = {}
+        stack = list(roots)
+        while stack:
+            pid = stack.pop()
+            row = _stat_row(f"{proc}/{pid}/stat")
+            if row is None or pid in table:
+                continue
+            table[pid] = row
+            kids = _children(proc, pid)
+            if kids is None:
+                return cls.scan(proc)
+            stack.extend(kids)
+        return cls(table)
+
     def tree(self, root: int, pgid: int) -> set[int]:
         """The descendants of ``root`` (itself included) and every member of group ``pgid``."""
         found: set[int] = set()
@@ -86,6 +105,26 @@ class ProcessTable:
     def rss_mb(self, root: int, pgid: int) -> float:
         """Resident memory (MB) of the tree rooted at ``root`` plus its process group."""
         return sum(self.table[pid][2] for pid in self.tree(root, pgid)) / 1024.0
+
+
+def _children(proc: str, pid: int) -> list[int] | None:
+    """Children of every thread of ``pid`` ([] if it is gone; None if the kernel cannot say)."""
+    try:
+        threads = os.listdir(f"{proc}/{pid}/task")
+    except OSError:
+        return []
+    kids: list[int] = []
+    for tid in threads:
+        try:
+            with open(f"{proc}/{pid}/task/{tid}/children", "rb") as f:
+                kids.extend(int(k) for k in f.read().split())
+        except FileNotFoundError:
+            if not os.path.exists(f"{proc}/{pid}/task/{tid}"):
+                continue
+            return None
+        except OSError:
+            continue
+    return kids
 
 
 def _stat_row(path: str) -> tuple[int, int, int] | None:
@@ -160,12 +199,12 @@ class Runner:
         self._kill_at: float | None = None   # when to escalate to SIGKILL
         self._proc: subprocess.Popen | None = None
         self._oom_before: int | None = None
-        self._start_mono = 0.0
+        self.started_mono = 0.0
 
     def start(self) -> TaskStarted | TaskFinished:
         """Launch the process; a launch error comes back at once as ``Failure.LAUNCH``."""
         self.start_time = self.clock()
-        self._start_mono = time.monotonic()
+        self.started_mono = time.monotonic()
         self._oom_before = nodes.oom_kill_count()
         try:
             self._proc = self._spawn()
@@ -202,7 +241,7 @@ class Runner:
         """Kill the attempt once past its timeout; escalate pending kills to SIGKILL."""
         now_mono = time.monotonic() if now_mono is None else now_mono
         timeout = self.run.timeout
-        if self.reason is None and timeout and now_mono - self._start_mono > timeout:
+        if self.reason is None and timeout and now_mono - self.started_mono > timeout:
             self.kill(Failure.TIMEOUT)
         if self._kill_at is not None and now_mono >= self._kill_at:
             self._signal_group(signal.SIGKILL)
@@ -231,7 +270,7 @@ class Runner:
         """The next monotonic time at which :meth:`check_time` has something to do."""
         times = [t for t in (self._kill_at,) if t is not None]
         if self.run.timeout and self.reason is None:
-            times.append(self._start_mono + self.run.timeout)
+            times.append(self.started_mono + self.run.timeout)
         return min(times) if times else None
 
     # -- ending --

@@ -2,8 +2,8 @@
 :class:`~pilot.slurm.JobOptions`.
 
 What the script does, in order: asks Slurm for the nodes and for a drain signal ahead of the time
-limit (``--signal=B:USR1@M``), traps USR1 and TERM and passes them to the MPI launcher, runs the
-site's set-up lines, records its start in ``chain.jsonl``, launches ``pilot run`` with a
+limit (``--signal=B:USR1@M``), traps USR1 and TERM and passes USR1 on to pilot rank 0 (or to the
+MPI launcher), runs the site's set-up lines, records its start in ``chain.jsonl``, launches ``pilot run`` with a
 ``--walltime`` that ends ``drain_margin`` seconds before the job's end, and when the pilot exits 3
 (work left) submits its successor with ``--dependency=afterany:<itself>`` until the chain has run
 ``max_jobs`` jobs. It records its end (exit code, signals seen, successor) in ``chain.jsonl``.
@@ -42,7 +42,6 @@ _HEADER = """\
 """
 
 _BODY = r"""
-set -u
 RUN_DIR={run_dir}
 WORKFLOW={workflow}
 CHECKPOINT={checkpoint}
@@ -51,8 +50,17 @@ DRAIN_MARGIN={drain_margin}  # seconds before the time limit by which the pilot 
 JOB_INDEX=${{1:-1}}  # this job's place in its chain (the successor gets it as its argument)
 CHAIN="$RUN_DIR/{chain}"
 
+# Every rank runs under this wrapper, which keeps rank 0's node and pid (for drain below) and its
+# exit code: when the job is signalled, srun reports its own status (143), not the pilot's.
+rank_wrapper='{rank_wrapper}'
+THIS_NODE=${{SLURMD_NODENAME:-$(hostname)}}
+mkdir -p "$RUN_DIR/jobs"
+export PILOT_RANK0_PID="$RUN_DIR/jobs/$SLURM_JOB_ID.rank0.pid"
+export PILOT_RANK0_RC="$RUN_DIR/jobs/$SLURM_JOB_ID.rank0.rc"
+rm -f "$PILOT_RANK0_PID" "$PILOT_RANK0_RC"
+
 # Slurm's warning signal (USR1), `pilot cancel` (USR1) and scancel or the hard time limit (TERM)
-# reach this shell; the launcher passes them on to the pilot's ranks, which drain and exit 3.
+# reach this shell; the pilot drains and exits 3.
 launcher=
 signals=
 term_at=
@@ -84,14 +92,6 @@ end_epoch() {{
     case "$end" in 20*) date -d "$end" +%s ;; esac
 }}
 
-# Every rank runs under this wrapper, which keeps rank 0's node and pid (for drain above) and its
-# exit code: when the job is signalled, srun reports its own status (143), not the pilot's.
-rank_wrapper='{rank_wrapper}'
-THIS_NODE=${{SLURMD_NODENAME:-$(hostname)}}
-mkdir -p "$RUN_DIR/jobs"
-export PILOT_RANK0_PID="$RUN_DIR/jobs/$SLURM_JOB_ID.rank0.pid"
-export PILOT_RANK0_RC="$RUN_DIR/jobs/$SLURM_JOB_ID.rank0.rc"
-
 # ---- site set-up ----
 {setup}
 # ---- run ----
@@ -102,7 +102,6 @@ if [ -n "$END" ]; then
     left=$((END - $(date +%s) - DRAIN_MARGIN))
     walltime=(--walltime $((left > 1 ? left : 1)))
 fi
-rm -f "$PILOT_RANK0_PID" "$PILOT_RANK0_RC"
 rc=3
 if [ -z "$signals" ]; then
     {launch} bash -c "$rank_wrapper" pilot-rank \

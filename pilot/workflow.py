@@ -187,6 +187,8 @@ class _TaskScan:
         self.overrides = _with_more_keys(tasks, (ids, labels, deps, self.commands),
                                          (False, True, True, not self.all_commands))
         for i in self.overrides:
+            if any(tasks[i].get(key, 0) is None for key in ("label", "after", "command")):
+                return False  # an explicit null: the per-task scan words the error
             check_keys(tasks[i], TASK_KEYS, f"task {ids[i]}")
         return True
 
@@ -219,7 +221,7 @@ class _TaskScan:
             elif isinstance(deps, list):
                 after.extend(deps)
                 counts.append(len(deps))
-            elif deps is None:
+            elif deps is None and "after" not in task:
                 counts.append(0)
             else:
                 raise Problem(task, "after", f"task {tid}",

@@ -27,8 +27,18 @@ class IdIndex:
         self.mask = size - 1
         self.table = np.full(size, _EMPTY, dtype=np.int32)
         self._exact: dict | None = None
-        self._insert(np.arange(len(ids), dtype=np.int64))
-        self._first = self._probe(self.hashes)
+        # one table entry per distinct hash (the lowest task number), so that even a file
+        # repeating one id a million times keeps probe chains short
+        order = np.argsort(self.hashes, kind="stable")
+        ordered = self.hashes[order]
+        starts = np.ones(len(ids), dtype=bool)
+        np.not_equal(ordered[1:], ordered[:-1], out=starts[1:])
+        self._insert(order[starts])
+        owner = order[starts][np.cumsum(starts) - 1]
+        # (later task, first task with its hash): the same id twice, or two ids sharing a hash
+        self._pairs = list(zip(order[~starts].tolist(), owner[~starts].tolist()))
+        if any(ids[a] != ids[b] for a, b in self._pairs):
+            self._exact = self._exact_index()
 
     def _insert(self, pending: np.ndarray) -> None:
         slot = self.hashes[pending] & self.mask
@@ -56,13 +66,7 @@ class IdIndex:
 
     def first_duplicate(self) -> tuple[int, int] | None:
         """(first, second) task numbers of the earliest repeated id, or None."""
-        shared = np.flatnonzero(self._first != np.arange(len(self.ids)))
-        repeated = set()
-        for task in shared.tolist():
-            if self.ids[task] == self.ids[self._first[task]]:
-                repeated.add(self.ids[task])
-            else:
-                self._exact = self._exact_index()  # a key shared by different ids
+        repeated = {self.ids[a] for a, b in self._pairs if self.ids[a] == self.ids[b]}
         if not repeated:
             return None
         pairs = []

@@ -226,3 +226,27 @@ def test_kill_at_each_durable_step_leaves_a_good_checkpoint(tmp_path, step):
     assert not done & later
     assert len(durable_done(ckpt)) == 60
     assert not os.path.exists(str(ckpt) + ".tmp")
+
+
+def test_lost_attempts_are_in_the_history_and_an_empty_graph_works(tmp_path):
+    from pilot.events import NodeLost
+
+    path, graph = tmp_path / "c.h5", chain_graph()
+    ck = open_checkpoint(path, graph)
+    engine = new_engine(graph, ck)
+    a = engine.handle(Schedule(0.0))[0]
+    engine.handle(TaskStarted(a.task, a.attempt, a.node, 1.0))
+    engine.handle(NodeLost(a.node, 2.0))
+    ck.close()
+    with h5py.File(path, "r") as f:
+        history = f["history"][()]
+    lost = history[history["kind"] == 5]
+    assert a.task in lost["task"].tolist()
+    assert load_checkpoint(path).table.attempts[a.task] == 0
+
+    empty = make_graph([], [], [])
+    ck = open_checkpoint(tmp_path / "e.h5", empty)
+    ck.close()
+    again = open_checkpoint(tmp_path / "e.h5", empty)
+    assert again.restored[0].size == 0
+    again.close()

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from pilot import graph as graph_module
 from pilot.errors import UserError
 from pilot.events import Node
 from pilot.graph import (check_fits, graph_from_edges, graph_hash, make_graph, priorities,
@@ -90,7 +91,7 @@ class TestOrder:
             topological_order(g)
         assert "\n" not in str(err.value) and "'a\\nb'" in str(err.value)
 
-    @settings(max_examples=60, deadline=None)
+    @settings(max_examples=40, deadline=None)
     @given(dags())
     def test_order_respects_every_edge(self, g):
         order = topological_order(g)
@@ -136,7 +137,7 @@ class TestPriorities:
         p = priorities(diamond(), np.array([1.0, 2.0, 3.0]))
         assert p.tolist() == [6.0, 5.0, 5.0, 3.0]
 
-    @settings(max_examples=60, deadline=None)
+    @settings(max_examples=40, deadline=None)
     @given(dags(), st.dictionaries(st.sampled_from("abc"), st.floats(0.1, 100.0)))
     def test_parent_at_least_child_plus_own_weight(self, g, runtime):
         p = priorities(g, runtime)
@@ -145,6 +146,27 @@ class TestPriorities:
             kids = g.children(t)
             best = max((p[c] for c in kids), default=0.0)
             assert p[t] == pytest.approx(w[t] + best)
+
+
+class TestWideAndNarrowLevels:
+    """Wide levels use numpy, narrow ones a Python walk: both must give the same answers."""
+
+    @pytest.mark.parametrize("seed", [0, 1])
+    def test_same_levels_and_priorities(self, monkeypatch, seed):
+        rng = np.random.default_rng(seed)
+        n = 3000
+        parents = [rng.choice(i, size=min(i, int(rng.integers(0, 4))), replace=False).tolist()
+                   if i else [] for i in range(n)]
+        parents += [[n - 1 + k] for k in range(200)]  # a long tail: many one-task levels
+        ids = [f"t{i}" for i in range(len(parents))]
+        results = []
+        for narrow in (-1, 10**9):
+            monkeypatch.setattr(graph_module, "_NARROW", narrow)
+            g = make_graph(ids, ["a"] * len(ids), parents)
+            levels = graph_module.topological_levels(g)
+            results.append(([lv.tolist() for lv in levels], priorities(g, {"a": 2.5}).tolist()))
+        assert results[0] == results[1]
+        assert len(results[0][0]) > 200 and max(results[0][1]) >= 2.5 * 201
 
 
 class TestIdentityAndFit:

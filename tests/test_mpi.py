@@ -117,3 +117,14 @@ def test_sigterm_mid_run_exits_3_and_leaves_no_task(tmp_path, ranks):
     assert took < 10, f"took {took:.1f} s"
     assert len(pids) >= 7 and all(pid_gone(p) for p in pids)
     assert "draining: signal 15" in err
+
+
+def test_walltime_drains_and_exits_3(tmp_path):
+    wf, _ = workflow("long", tmp_path)
+    began = time.monotonic()
+    proc = run_pilot(3, wf, tmp_path, *NODE, "--walltime", "4")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert time.monotonic() - began < 30
+    assert "draining: wall time" in proc.stderr
+    pids = _task_pids(tmp_path)
+    assert pids and all(pid_gone(p) for p in pids)

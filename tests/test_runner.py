@@ -173,3 +173,16 @@ def test_log_layout_and_argv(tmp_path):
     assert log_path("L", 12345, "a/b", 2) == os.path.join("L", "00012", "a_b.2.log")
     assert argv_of("echo hi") == ["/bin/sh", "-c", "echo hi"]
     assert argv_of(["x", 1]) == ["x", "1"]
+
+
+def test_tree_walk_finds_what_a_full_scan_finds(tmp_path):
+    proc = subprocess.Popen(["/bin/sh", "-c", "sleep 30 & sleep 30 & wait"], start_new_session=True)
+    try:
+        wait_for(lambda: len(ProcessTable.of_trees([proc.pid]).tree(proc.pid, proc.pid)) == 3, 10,
+                 what="two children")
+        walked, full = ProcessTable.of_trees([proc.pid]), ProcessTable.scan()
+        assert walked.tree(proc.pid, proc.pid) == full.tree(proc.pid, proc.pid)
+        assert walked.rss_mb(proc.pid, proc.pid) > 0
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -19,7 +19,7 @@ from tests.helpers import VENV_BIN
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).resolve().parent.parent
 PILOT = VENV_BIN / "pilot"
-FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def run_cli(*argv) -> tuple[int, str, str]:

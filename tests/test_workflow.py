@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from pilot import workflow
 from pilot.errors import UserError
+from pilot.workflow_ids import IdIndex
 from pilot.workflow import load_workflow, load_workflow_file, load_workflow_text
 
 DATA = Path(__file__).parent / "data"
@@ -200,6 +201,29 @@ class TestScanPathsAgree:
         same_graph(by_column, by_task)
 
 
+    @settings(max_examples=80, deadline=None)
+    @given(st.lists(st.dictionaries(
+        st.sampled_from(["id", "label", "after", "command", "requestCpus", "bogus"]),
+        st.one_of(st.none(), st.integers(-2, 3), st.sampled_from(["t0", "t1", "t2", "a b", "", "x"]),
+                  st.lists(st.sampled_from(["t0", "t1", "t9", 1]), max_size=3)),
+        min_size=0, max_size=5), min_size=1, max_size=5))
+    def test_random_tasks_same_graph_or_same_error(self, tasks):
+        doc = json.dumps({"command": "fallback", "tasks": tasks})
+        outcomes = []
+        for by_column in (True, False):
+            with pytest.MonkeyPatch.context() as patch:
+                if not by_column:
+                    patch.setattr(workflow._TaskScan, "_scan_by_column", lambda self, tasks: False)
+                try:
+                    outcomes.append(load(doc))
+                except UserError as err:
+                    outcomes.append(str(err))
+        if isinstance(outcomes[0], str) or isinstance(outcomes[1], str):
+            assert outcomes[0] == outcomes[1]
+        else:
+            same_graph(*outcomes)
+
+
 class TestIdIndex:
     def test_colliding_hashes_fall_back_to_exact_lookups(self, monkeypatch):
         import pilot.workflow_ids as ids_module
@@ -210,6 +234,13 @@ class TestIdIndex:
         assert g.parents(1).tolist() == [0] and g.parents(2).tolist() == [1]
         assert error("- {id: ab, command: x}\n- {id: cd, command: x, after: [zz]}") == \
             "w.yaml:2: task cd: after names unknown task 'zz'"
+
+
+    def test_one_id_repeated_many_times(self):
+        text = json.dumps([{"id": "same", "command": "x"}] * 2000)
+        assert error(text, "w.json") == "w.json:1: task same: duplicate task id (first at line 1)"
+        # one table entry per distinct hash: no probe chain as long as the file
+        assert IdIndex(["same"] * 200_000).first_duplicate() == (0, 1)
 
 
 class TestErrors:
@@ -271,6 +302,8 @@ class TestErrors:
         ("- {id: a, command: x}\n- {id: a, command: y}", "w.yaml:2: task a: duplicate task id (first at line 1)"),
         ("a: 1\na: 2", "w.yaml:2: duplicate key 'a' (also at line 1)"),
         ("- {id: a, command: x, after: a}", "w.yaml: cycle: a -> a"),
+        ("- {id: a, command: x, after: null}", "w.yaml:1: task a: after must be a task id or a list of task ids, got None"),
+        ("- {id: a, command: x, label: null}", "w.yaml:1: task a: label must be a name without spaces or '/', got None"),
         ("- {id: a, command: x}\n- {id: b, command: x, after: [a, 5]}", "w.yaml:2: task b: after names unknown task '5'"),
         ("x: !!binary 'QQ'\n", "w.yaml:1: failed to decode base64 data: Incorrect padding"),
         ("[" * 3000 + "]" * 3000, "w.yaml: nesting too deep"),

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pilot.errors import EXIT_INTERRUPTED, EXIT_OK, UserError
 from pilot.graph import Graph, make_graph
-from pilot.lsst.bps_config import INIT_LABEL, BpsConfig, FinalJob, default_config
+from pilot.lsst.bps_config import INIT_LABEL, BpsConfig, FinalJob, config_or_default, default_config
 
 log = logging.getLogger("pilot.lsst")
 GRAPH_SUFFIXES = (".qg", ".qgraph")
@@ -168,6 +168,13 @@ def load_qgraph(path, repo, config: BpsConfig | None = None, mode: str = "warm")
     final = final_job_for(path, (config or default_config()).final)
     run = LsstRun(str(repo), str(path), mode, sys.executable, final, quanta.output_run)
     return build_graph(quanta, run, config)
+
+
+def load_for_run(path, butler=None, bps_config=None, mode=None) -> Graph:
+    """``pilot run GRAPH --butler REPO [--bps-config BPS.yaml] [--lsst-mode MODE]``: the graph."""
+    if not butler:
+        raise UserError(f"{path}: running a QuantumGraph needs the repository: add --butler REPO")
+    return load_qgraph(path, butler, config_or_default(bps_config), mode or "warm")
 
 
 def final_job_for(path: Path, final: FinalJob) -> FinalJob:

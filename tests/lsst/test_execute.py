@@ -16,13 +16,14 @@ from pilot.lsst.testing_tasks import FAIL_ENV, SLEEP_ENV  # noqa: E402
 from pilot.lsst.warm import WarmServer  # noqa: E402
 from pilot.runner import ProcessTable  # noqa: E402
 from tests.helpers import wait_for  # noqa: E402
-from tests.lsst.checks import check_outputs, quantum_tasks, read_outputs, run_command  # noqa: E402
+from tests.lsst.checks import (OF_A, check_outputs, quantum_tasks, read_outputs,  # noqa: E402
+                               run_command)
 
 pytestmark = pytest.mark.lsst
 
 
 def test_subprocess_mode_runs_quanta_and_final_job_registers_them(test_repo, tmp_path):
-    graph = load_qgraph(test_repo.graph_qg, test_repo.repo, mode="subprocess")
+    graph = load_qgraph(test_repo.graph_qgraph, test_repo.repo, mode="subprocess")
     assert run_command(graph, 0, tmp_path / "init.log") == 0
     for t in quantum_tasks(graph, "a", {0, 1}) + quantum_tasks(graph, "b", {0, 1}):
         assert run_command(graph, t, tmp_path / f"{t}.log") == 0, (tmp_path / f"{t}.log").read_text()
@@ -57,10 +58,10 @@ def test_warm_mode_runs_every_quantum(test_repo, tmp_path):
 
 
 def test_warm_child_failure_and_kill_leave_the_server_serving(test_repo, tmp_path):
-    graph = load_qgraph(test_repo.graph_qgraph, test_repo.repo, mode="warm")
+    graph = load_qgraph(test_repo.graph_qg, test_repo.repo, mode="warm")
     assert run_command(graph, 0, tmp_path / "init.log") == 0
     a3, a4 = quantum_tasks(graph, "a", {3}) + quantum_tasks(graph, "a", {4})
-    server = WarmServer(graph.commands[1][0], str(test_repo.graph_qgraph), str(test_repo.repo))
+    server = WarmServer(graph.commands[1][0], str(test_repo.graph_qg), str(test_repo.repo))
     try:
         code, log = warm_run(server, graph, a3, tmp_path, {FAIL_ENV: "a:3"})
         assert code == 1 and "failing as asked" in open(log).read()
@@ -77,4 +78,6 @@ def test_warm_child_failure_and_kill_leave_the_server_serving(test_repo, tmp_pat
     finally:
         server.close()
     assert finish_run(graph, 1, tmp_path) == 1
-    check_outputs(test_repo, read_outputs(test_repo.repo), [3, 4], gather=False)
+    found = read_outputs(test_repo.repo)
+    check_outputs(test_repo, found, [3, 4], gather=False, types=OF_A)
+    assert ("add_dataset2", 3) not in found and ("add_dataset1", 5) not in found
