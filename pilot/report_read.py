@@ -140,7 +140,7 @@ def attempts_from_rows(rows: np.ndarray, memory_mb: np.ndarray, table, as_of: fl
     started row when the end row lacks them."""
     r = rows[rows["task"] >= 0]
     r = r[np.argsort(r["task"], kind="stable")]
-    ends = np.flatnonzero((r["kind"] == FINISHED) | (r["kind"] == LOST))
+    ends = _attempt_ends(r)
     task = r["task"][ends].astype(np.int64)
     request = _previous(r, ends, r["memory_request"] >= 0, "memory_request").astype(np.float64)
     request = np.where(request >= 0, request, memory_mb[task])
@@ -154,6 +154,22 @@ def attempts_from_rows(rows: np.ndarray, memory_mb: np.ndarray, table, as_of: fl
                     r["peak_rss_mb"][ends].astype(np.float64), failure, np.zeros(len(ends), bool))
     done = done.take(np.isfinite(done.start))
     return _concat(done, running_attempts(table, as_of))
+
+
+def _attempt_ends(r: np.ndarray) -> np.ndarray:
+    """Rows that end an attempt. One finish event writes a row per state change of its task
+    (e.g. running -> ready -> launched again): keep the first of such a run of rows."""
+    ends = np.flatnonzero((r["kind"] == FINISHED) | (r["kind"] == LOST))
+    if not ends.size:
+        return ends
+    prev = np.maximum(ends - 1, 0)
+    repeat = ((ends > 0) & (r["kind"][prev] == r["kind"][ends]) & (r["task"][prev] == r["task"][ends])
+              & (r["time"][prev] == r["time"][ends]) & _same(r["start"][prev], r["start"][ends]))
+    return ends[~repeat]
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a == b) | (np.isnan(a) & np.isnan(b))
 
 
 def _previous(r: np.ndarray, at: np.ndarray, valid: np.ndarray, field: str, missing=-1):

@@ -19,15 +19,14 @@ import numpy as np
 from pilot.errors import UserError
 from pilot.graph import Graph, graph_from_arrays, topological_levels
 from pilot.workflow_keys import (SECTION_KEYS, TASK_KEYS, TOP_KEYS, Problem, check_keys,
-                                 finalize, merge, read_settings, show)
+                                 merge, read_settings, show)
 from pilot.workflow_ids import IdIndex
-from pilot.workflow_parse import LineDict, LineList, parse_json, parse_yaml, read_text
+from pilot.workflow_parse import LineList, parse_json, parse_yaml, read_text
+from pilot.workflow_values import apply_overrides, check_commands, label_values
 
 DEFAULT_LABEL = "default"
 RELOCATE_LIMIT = 64 * 2**20     # larger JSON files report problems without a line number
 _NAME_OK = re.compile(r"[^\s/\x00-\x1f\x7f]+").fullmatch
-_NUMERIC = ("memory_mb", "cpus", "retries", "multiplier", "memory_max", "timeout")
-_DTYPES = (np.int64, np.int32, np.int32, np.float64, np.int64, np.float64)
 
 
 def load_workflow(stream, name: str = "<workflow>") -> Graph:
@@ -102,9 +101,9 @@ def build_graph(data) -> Graph:
     sections, limits = _read_sections(top, defaults)
     scan = _TaskScan(tasks)
     parent_ptr, parent_idx = _resolve_after(scan, tasks)
-    values = _label_values(scan, sections, defaults, top)
-    _apply_overrides(scan, tasks, sections, defaults, values)
-    _check_commands(scan, tasks, values)
+    values = label_values(scan, sections, defaults, top)
+    apply_overrides(scan, tasks, sections, defaults, values)
+    check_commands(scan, tasks, values)
     return graph_from_arrays(scan.ids, scan.labels, np.asarray(scan.label_of, dtype=np.int32),
                              parent_ptr, parent_idx, concurrency_limit=limits, **values)
 
@@ -184,18 +183,24 @@ class _TaskScan:
         if checked is None:
             return False
         self.ids, (self.commands, self.all_commands) = ids, checked
-        self.overrides = _with_more_keys(tasks, (ids, labels, deps, self.commands),
-                                         (False, True, True, not self.all_commands))
-        for i in self.overrides:
-            if any(tasks[i].get(key, 0) is None for key in ("label", "after", "command")):
-                return False  # an explicit null: the per-task scan words the error
-            check_keys(tasks[i], TASK_KEYS, f"task {ids[i]}")
+        maybe_none = {"label": self.labels_missing, "after": self.after_missing,
+                      "command": not self.all_commands}
+        self.overrides = _with_more_keys(tasks, {"id": ids, "label": labels, "after": deps,
+                                                 "command": commands}, maybe_none)
+        if self.overrides is None:
+            return False  # an explicit null: the per-task scan words the error
+        own = [tasks[i] for i in self.overrides]
+        self.override_keys = set().union(*map(dict.keys, own))
+        if not self.override_keys <= TASK_KEYS:
+            for i in self.overrides:
+                check_keys(tasks[i], TASK_KEYS, f"task {ids[i]}")
         return True
 
     def _scan(self, tasks: list) -> None:
         """Task by task, raising the first problem found."""
         self.ids, self.labels, self.label_of, self.after = [], [], [], []
         self.after_count, self.commands, self.overrides = [], [], []
+        self.override_keys = TASK_KEYS
         self.all_commands = False
         numbers: dict = {}
         ids, label_of, after, counts, commands = (
@@ -269,15 +274,21 @@ def _plain_commands(commands: list) -> tuple[list, bool] | None:
     return list(map(distinct.__getitem__, commands)), None not in distinct
 
 
-def _with_more_keys(tasks: list, columns, maybe_none) -> list[int]:
-    """Tasks with keys beyond id, label, after and command (overrides or unknown keys)."""
-    # count(None) compares every item, so only in columns where a None may be
-    known = sum(len(column) - (column.count(None) if none else 0)
-                for column, none in zip(columns, maybe_none))
+def _with_more_keys(tasks: list, columns: dict, maybe_none: dict) -> list[int] | None:
+    """Tasks with keys beyond id, label, after and command (overrides or unknown keys);
+    None if some task gives one of those four an explicit null."""
+    known = 0
+    for key, column in columns.items():
+        present = len(column)
+        if maybe_none.get(key):  # count(None) compares every item: only where needed
+            present = sum(map(dict.__contains__, tasks, repeat(key)))
+            if present != len(column) - column.count(None):
+                return None
+        known += present
     if sum(map(len, tasks)) == known:
         return []
-    present = sum(np.fromiter(map(operator.is_not, column, repeat(None)), dtype=np.int64,
-                              count=len(tasks)) for column in columns)
+    present = sum(np.fromiter(map(dict.__contains__, tasks, repeat(key)), dtype=np.int64,
+                              count=len(tasks)) for key in columns)
     return np.flatnonzero(np.fromiter(map(len, tasks), dtype=np.int64, count=len(tasks))
                           - present).tolist()
 
@@ -295,6 +306,7 @@ def _label_numbers(scan: "_TaskScan", labels: list) -> bool:
             return False
         distinct[label] = numbers.setdefault(name, len(numbers))
     scan.labels = list(numbers)
+    scan.labels_missing = None in distinct
     scan.label_of = np.fromiter(map(distinct.__getitem__, labels), dtype=np.int32,
                                 count=len(labels))
     return True
@@ -303,6 +315,7 @@ def _label_numbers(scan: "_TaskScan", labels: list) -> bool:
 def _flat_after(scan: "_TaskScan", deps: list) -> bool:
     """Dependency names in one flat list and a count per task."""
     kinds = set(map(type, deps))
+    scan.after_missing = type(None) in kinds
     if kinds <= {list, LineList}:
         scan.after_count = np.fromiter(map(len, deps), dtype=np.int64, count=len(deps))
     elif kinds <= {list, LineList, str, type(None)}:
@@ -371,52 +384,3 @@ def _parent_number(scan: _TaskScan, task: dict, i: int, dep) -> int:
     if number is None:
         raise Problem(task, "after", f"task {tid}", f"after names unknown task {show(dep, 80)}")
     return number
-
-
-# ---- settings -------------------------------------------------------------------------
-
-
-def _label_values(scan: _TaskScan, sections: dict, defaults: dict, top: dict) -> dict:
-    """Per-task values for tasks without overrides: each label's settings, spread out."""
-    finals = [_label_final(label, sections, defaults, top) for label in scan.labels]
-    label_of = np.asarray(scan.label_of, dtype=np.int32)
-    values = {name: np.asarray([f[k] for f in finals], dtype=dtype)[label_of]
-              for k, (name, dtype) in enumerate(zip(_NUMERIC, _DTYPES))}
-    for k, name in ((6, "command"), (7, "env"), (8, "retry_unless_exit")):
-        column = np.empty(len(finals), dtype=object)
-        column[:] = [f[k] for f in finals]
-        values[name] = column[label_of].tolist()
-    return values
-
-
-def _label_final(label: str, sections: dict, defaults: dict, top: dict) -> tuple:
-    if label in sections:
-        settings, section, context = sections[label]
-        return finalize(settings, section, context)
-    return finalize(defaults, top, "top level")
-
-
-def _apply_overrides(scan: _TaskScan, tasks: list, sections: dict, defaults: dict,
-                     values: dict) -> None:
-    """Settings given on tasks themselves win over their label's."""
-    for i in scan.overrides:
-        task, label = tasks[i], scan.labels[scan.label_of[i]]
-        context = f"task {scan.ids[i]}"
-        base = sections[label][0] if label in sections else defaults
-        final = finalize(merge(base, read_settings(task, context)), task, context)
-        for k, name in enumerate(_NUMERIC):
-            values[name][i] = final[k]
-        values["command"][i], values["env"][i], values["retry_unless_exit"][i] = final[6:]
-
-
-def _check_commands(scan: _TaskScan, tasks: list, values: dict) -> None:
-    """Each task's own command over its label's; a task with neither is a problem."""
-    if scan.all_commands:
-        values["command"] = scan.commands
-        return
-    commands = values["command"] = [mine if mine is not None else theirs
-                                    for mine, theirs in zip(scan.commands, values["command"])]
-    if None in commands:
-        i = commands.index(None)
-        raise Problem(tasks[i], None, f"task {scan.ids[i]}",
-                      "no command (give command: in the task, its pipetask section or at top level)")

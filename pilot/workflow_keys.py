@@ -22,8 +22,8 @@ _ONLY_IN = {"id": "a task", "label": "a task", "after": "a task", "tasks": "the 
 DEFAULT_MEMORY_MB = 2048
 DEFAULT_CPUS = 1
 RETRIES_WITH_MULTIPLIER = 5
-_MAX_MB = 2**40
-_MAX_COUNT = 2**31 - 1
+MAX_MB = 2**40
+MAX_COUNT = 2**31 - 1
 
 
 class Problem(Exception):
@@ -47,7 +47,7 @@ class Problem(Exception):
         return one_line(f"{place}: {self.context}: {text}")
 
 
-class _Bad(Exception):
+class BadValue(Exception):
     """A bad value; the caller turns it into a :class:`Problem` with its place."""
 
 
@@ -91,33 +91,33 @@ def _unknown_key_text(key, allowed) -> str:
 def _number(key: str, value, *, integer: bool, low: float, high: float):
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _Bad(f"{key} must be {kind}, got {show(value)}")
+        raise BadValue(f"{key} must be {kind}, got {show(value)}")
     if isinstance(value, float) and not math.isfinite(value):
-        raise _Bad(f"{key} must be a finite number, got {show(value)}")
+        raise BadValue(f"{key} must be a finite number, got {show(value)}")
     if integer and value != int(value):
-        raise _Bad(f"{key} must be {kind}, got {show(value)}")
+        raise BadValue(f"{key} must be {kind}, got {show(value)}")
     if value < 0:
-        raise _Bad(f"{key} must not be negative, got {show(value)}")
+        raise BadValue(f"{key} must not be negative, got {show(value)}")
     if value < low:
-        raise _Bad(f"{key} must be at least {low:g}, got {show(value)}")
+        raise BadValue(f"{key} must be at least {low:g}, got {show(value)}")
     if value > high:
-        raise _Bad(f"{key} is too large, got {show(value)} (at most {high:g})")
+        raise BadValue(f"{key} is too large, got {show(value)} (at most {high:g})")
     return value
 
 
 def _megabytes(key):
-    return lambda v: int(math.ceil(_number(key, v, integer=False, low=0, high=_MAX_MB)))
+    return lambda v: int(math.ceil(_number(key, v, integer=False, low=0, high=MAX_MB)))
 
 
 def _count(key, low):
-    return lambda v: int(_number(key, v, integer=True, low=low, high=_MAX_COUNT))
+    return lambda v: int(_number(key, v, integer=True, low=low, high=MAX_COUNT))
 
 
 def _multiplier(value) -> float:
     # <= 1 means no scaling; stored as 1.0 so that no consumer ever shrinks a request
     value = _number("memoryMultiplier", value, integer=False, low=0, high=1e6)
     if value == 0:
-        raise _Bad("memoryMultiplier must be greater than 0, got 0")
+        raise BadValue("memoryMultiplier must be greater than 0, got 0")
     return max(float(value), 1.0)
 
 
@@ -129,8 +129,8 @@ def _exit_codes(value) -> tuple:
     items = value if isinstance(value, list) else [value]
     try:
         return tuple(int(_number("retryUnlessExit", v, integer=True, low=0, high=255)) for v in items)
-    except _Bad:
-        raise _Bad(f"retryUnlessExit must be an exit code (0-255) or a list of them, "
+    except BadValue:
+        raise BadValue(f"retryUnlessExit must be an exit code (0-255) or a list of them, "
                    f"got {show(value)}") from None
 
 
@@ -139,7 +139,7 @@ def _command(value):
         return value
     if isinstance(value, list) and value and all(_is_word(v) for v in value):
         return [v if isinstance(v, str) else str(v) for v in value]
-    raise _Bad("command must be a non-empty string (run by the shell) or a non-empty list of "
+    raise BadValue("command must be a non-empty string (run by the shell) or a non-empty list of "
                f"strings (argv), got {show(value)}")
 
 
@@ -149,12 +149,12 @@ def _is_word(value) -> bool:
 
 def _env(value) -> dict:
     if not isinstance(value, dict):
-        raise _Bad(f"env must be a mapping of variable names to values, got {show(value)}")
+        raise BadValue(f"env must be a mapping of variable names to values, got {show(value)}")
     for name, item in value.items():
         if not isinstance(name, str) or not name or "=" in name or "\0" in name:
-            raise _Bad(f"env has a bad variable name {show(name)}")
+            raise BadValue(f"env has a bad variable name {show(name)}")
         if not (_is_word(item) or isinstance(item, bool)) or "\0" in str(item):
-            raise _Bad(f"env {name} must be a string or number, got {show(item)}")
+            raise BadValue(f"env {name} must be a string or number, got {show(item)}")
     return {name: _env_text(item) for name, item in value.items()}
 
 
@@ -186,7 +186,7 @@ def read_settings(mapping: dict, context: str) -> dict:
             continue
         try:
             settings[key] = CHECKS[key](mapping[key])
-        except _Bad as bad:
+        except BadValue as bad:
             raise Problem(mapping, key, context, str(bad)) from None
     return settings
 

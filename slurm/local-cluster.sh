@@ -9,14 +9,15 @@
 #
 # Everything (config, munge key and socket, state, spool, logs, pid files) lives in one folder:
 # $PILOT_SLURM_DIR, default <repo>/.slurm-local. Ports: $PILOT_SLURM_PORT (slurmctld) and the four after
-# it (slurmd n1..n4), default 16817. Node size: $PILOT_SLURM_CPUS CPUs (default: the CPUs of this host) and
-# $PILOT_SLURM_MEM MB (default 2000) per node; the four emulated nodes share this host's cores.
+# it (slurmd n1..n4), default 16817. Node size: $PILOT_SLURM_CPUS CPUs (default 2) and $PILOT_SLURM_MEM MB
+# (default 2000) per node; the four emulated nodes share this host's cores and memory. A node declaring
+# more CPUs than the host has gets SlurmdParameters=config_overrides.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DIR="${PILOT_SLURM_DIR:-$REPO/.slurm-local}"
 PORT="${PILOT_SLURM_PORT:-16817}"
-CPUS="${PILOT_SLURM_CPUS:-$(nproc)}"
+CPUS="${PILOT_SLURM_CPUS:-2}"
 MEM="${PILOT_SLURM_MEM:-2000}"
 NODES=(n1 n2 n3 n4)
 CONF="$DIR/etc/slurm.conf"
@@ -90,6 +91,7 @@ KillWait=15
 InactiveLimit=0
 SlurmdTimeout=300
 SchedulerType=sched/backfill
+$([ "$CPUS" -le "$(nproc)" ] || echo "SlurmdParameters=config_overrides")
 NodeName=n[1-4] NodeHostname=$host NodeAddr=127.0.0.1 Port=[$((PORT + 1))-$((PORT + 4))] CPUs=$CPUS RealMemory=$MEM State=UNKNOWN
 PartitionName=debug Nodes=n[1-4] Default=YES MaxTime=INFINITE State=UP
 EOF

@@ -13,7 +13,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pilot import workflow
+from pilot import workflow, workflow_values
 from pilot.errors import UserError
 from pilot.workflow_ids import IdIndex
 from pilot.workflow import load_workflow, load_workflow_file, load_workflow_text
@@ -214,6 +214,33 @@ class TestScanPathsAgree:
             with pytest.MonkeyPatch.context() as patch:
                 if not by_column:
                     patch.setattr(workflow._TaskScan, "_scan_by_column", lambda self, tasks: False)
+                try:
+                    outcomes.append(load(doc))
+                except UserError as err:
+                    outcomes.append(str(err))
+        if isinstance(outcomes[0], str) or isinstance(outcomes[1], str):
+            assert outcomes[0] == outcomes[1]
+        else:
+            same_graph(*outcomes)
+
+
+    @settings(max_examples=80, deadline=None)
+    @given(st.lists(st.dictionaries(
+        st.sampled_from(["requestMemory", "requestCpus", "numberOfRetries", "memoryMultiplier",
+                         "requestMemoryMax", "timeout", "env", "retryUnlessExit", "label"]),
+        st.one_of(st.integers(-1, 9000), st.floats(0, 3000), st.booleans(),
+                  st.sampled_from(["p", "q", "x y"]), st.just({"V": "1"}), st.just([1, 2])),
+        max_size=4), min_size=1, max_size=6))
+    def test_task_settings_by_column_or_by_task(self, settings_per_task):
+        tasks = [{"id": f"t{i}", "command": "c", **extra} for i, extra in enumerate(settings_per_task)]
+        doc = json.dumps({"env": {"T": "top"}, "pipetask": {
+            "p": {"numberOfRetries": 2, "memoryMultiplier": 3, "env": {"P": "p"}},
+            "q": {"memoryMultiplier": 2, "requestMemory": 100}}, "tasks": tasks})
+        outcomes = []
+        for by_column in (True, False):
+            with pytest.MonkeyPatch.context() as patch:
+                if not by_column:
+                    patch.setattr(workflow_values, "_overrides_by_column", lambda *args: False)
                 try:
                     outcomes.append(load(doc))
                 except UserError as err:
