@@ -198,7 +198,7 @@ def main() -> None:
         print(f"new checkpoint {r['create_s']:.2f} s, final compaction {r['close_s']:.2f} s, "
               f"size {r['bytes'] / 1e6:.1f} MB = {r['bytes'] / args.tasks:.0f} bytes/task")
         killed = restart_after_kill(folder, args.tasks, done)
-        print(f"restart after a kill (900k completions still in the journal): {killed:.2f} s")
+        print(f"restart after a kill ({done:,} completions still in the journal): {killed:.2f} s")
 
 
 if __name__ == "__main__":

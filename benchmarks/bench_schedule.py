@@ -4,8 +4,9 @@ For each size it builds the workflow of benchmarks/drp_workflow.py (seeded logno
 runtimes per label), simulates it with the real engine under each policy on identical
 KNL-like nodes, and prints the makespan, the lower bound
 max(critical path, memory-seconds / total memory, core-seconds / total cores), their ratio,
-the scheduling decisions per second (launches / wall time spent inside Engine.handle) and
-how much shorter the default policy's makespan is than each baseline's.
+the scheduling decisions per second (launches / wall time spent inside Engine.handle), the
+wall and CPU time of each simulation, and how much shorter the default policy's makespan is
+than each baseline's.
 
     .venv/bin/python benchmarks/bench_schedule.py --sizes 10000 100000
     .venv/bin/python benchmarks/bench_schedule.py --sizes 1000000 --policies default
@@ -14,6 +15,7 @@ how much shorter the default policy's makespan is than each baseline's.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,16 +36,16 @@ def run_size(size: int, nodes, policies) -> dict:
     graph, runtimes = drp_graph(size)
     print(f"\n{graph.size} tasks, {graph.parent_idx.size} edges (built in {time.perf_counter() - t0:.1f} s)")
     print(f"  {'policy':8} {'makespan s':>11} {'bound s':>10} {'ratio':>6} {'mem use':>8} "
-          f"{'decisions/s':>12} {'wall s':>7}")
+          f"{'decisions/s':>12} {'wall s':>7} {'CPU s':>6}")
     results = {}
     for name in policies:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = simulate(graph, nodes, make_policy(name), runtimes)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         results[name] = result
         print(f"  {name:8} {result.makespan_s:11.0f} {result.lower_bound_s:10.0f} {result.ratio:6.3f} "
-              f"{100 * result.memory_utilisation:7.1f}% {result.decisions_per_s:12.0f} {wall:7.1f}",
-              flush=True)
+              f"{100 * result.memory_utilisation:7.1f}% {result.decisions_per_s:12.0f} {wall:7.1f} "
+              f"{cpu:6.1f}", flush=True)
     return results
 
 
@@ -71,6 +73,7 @@ def main(argv=None) -> int:
     print(f"{args.nodes} nodes x ({args.node_memory} MB, {args.node_cores} cores)")
     for size in args.sizes:
         compare(run_size(size, nodes, args.policies))
+    print("\nload average at the end: %.1f %.1f %.1f" % os.getloadavg())
     return 0
 
 

@@ -118,17 +118,17 @@ def _ids(shape: Shape) -> list[str]:
 
 
 def write_json(graph: Graph, path) -> None:
-    """Write ``graph`` as a JSON workflow: label sections carry the requests; tasks carry
-    id, label, after and command."""
+    """Write ``graph`` as a compact JSON workflow, one task a line: label sections carry
+    the requests; tasks carry id, label, after and command."""
     sections = {x: {"requestMemory": LABELS[x][0], "requestCpus": 1} for x in graph.labels}
     ids, labels = graph.ids, graph.labels
     with open(path, "w") as out:
-        out.write('{"pipetask": %s,\n "tasks": [\n' % json.dumps(sections))
+        out.write('{"pipetask":%s,\n"tasks":[\n' % json.dumps(sections, separators=(",", ":")))
         for t in range(graph.size):
-            after = ", ".join(f'"{ids[p]}"' for p in graph.parents(t).tolist())
+            after = ",".join(f'"{ids[p]}"' for p in graph.parents(t).tolist())
             sep = ",\n" if t + 1 < graph.size else "\n"
-            out.write(f'  {{"id": "{ids[t]}", "label": "{labels[graph.label[t]]}", '
-                      f'"after": [{after}], "command": "true"}}{sep}')
+            out.write(f'{{"id":"{ids[t]}","label":"{labels[graph.label[t]]}",'
+                      f'"after":[{after}],"command":"true"}}{sep}')
         out.write("]}\n")
 
 

@@ -286,7 +286,7 @@ class Checkpoint:
         self.hook("journal-sync")
         self._journal.sync()
         self.hook("journal-synced")
-        self._unsnapshotted.append(_rows_with_logs(array, logs))
+        self._unsnapshotted.append(Rows.with_logs(array, logs))
         self._since_bytes += len(block)
 
     def _rotate(self) -> tuple[list, list]:
@@ -307,16 +307,6 @@ class Checkpoint:
             raise RuntimeError(f"checkpoint {self.path}: journal write failed: {self._error}") from self._error
 
 
-def _rows_with_logs(array: np.ndarray, logs: list) -> Rows:
-    encoded = [s.encode("utf-8", "surrogateescape") for s in logs]
-    ptr = np.zeros(len(encoded) + 1, np.int64)
-    np.cumsum([len(b) for b in encoded], out=ptr[1:])
-    return Rows(array, ptr, b"".join(encoded))
-
-
-# ---- opening ------------------------------------------------------------------------
-
-
 class MemoryCheckpoint:
     """In-process fake with the Checkpoint interface: the same rows, applied to a table."""
 
@@ -335,7 +325,7 @@ class MemoryCheckpoint:
             raise RuntimeError("record() after close()")
         rows, logs = event_rows(event, transitions, self._engine)
         if rows:
-            part = _rows_with_logs(np.array(rows, dtype=ROW), logs)
+            part = Rows.with_logs(np.array(rows, dtype=ROW), logs)
             self.table.apply(part)
             self.rows.append(part)
 
@@ -394,7 +384,7 @@ def _resume(path: str, graph, static: Static, lock, retry_failed: bool, options)
     new_gen = view.generations[-1] + 1 if view.generations else snap.generation
     journal = JournalWriter(journal_path(path, new_gen))
     fsync_dir(path)
-    restart = _rows_with_logs(rows, [""] * len(rows))
+    restart = Rows.with_logs(rows, [""] * len(rows))
     journal.write(encode_block(rows, [""] * len(rows)))
     journal.sync()
     kept = view.generations + ([new_gen] if new_gen not in view.generations else [])

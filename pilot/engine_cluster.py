@@ -140,6 +140,7 @@ class Cluster:
         best = np.flatnonzero(ok)[np.argmin(ends_s[ok])]
         return int(node_s[best]), float(ends_s[best])
 
+
 def _grouped_cumsum(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """Running sum of ``values`` restarting at each new value of sorted ``groups``."""
     total = np.cumsum(values)

@@ -52,6 +52,13 @@ class Rows:
         return self.blob[self.log_ptr[i]:self.log_ptr[i + 1]].decode("utf-8", "surrogateescape")
 
     @staticmethod
+    def with_logs(rows: np.ndarray, logs: list[str]) -> "Rows":
+        """Rows in memory with one log path per row."""
+        encoded = [s.encode("utf-8", "surrogateescape") for s in logs]
+        lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
+        return Rows(rows, _ptr(lengths), b"".join(encoded))
+
+    @staticmethod
     def concat(parts: list["Rows"]) -> "Rows":
         parts = [p for p in parts if len(p.rows)]
         if not parts:

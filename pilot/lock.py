@@ -74,7 +74,11 @@ class CheckpointLock:
 def acquire(path: str, what: str, stale_after: float = STALE_AFTER_S) -> CheckpointLock:
     """Take the lock at ``path`` or raise UserError naming its holder; ``what`` is the
     checkpoint's name for the message."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise UserError(f"cannot create the lock file {path} for checkpoint {what}: "
+                        f"{err.strerror}") from None
     try:
         flocked = _flock(fd, path, what)
         _check_holder(path, fd, what, stale_after, flocked)

@@ -239,16 +239,17 @@ def master_main(transport: Transport, config: RunConfig, info, signals: Signals 
         _shutdown_all(transport, EXIT_USAGE)
         raise
     code = EXIT_INTERRUPTED
+    margin = wall_margin(config.deadline, time.time()) if config.deadline else 60.0
+    options = MasterOptions(config.logdir, config.progress_interval, config.deadline, margin)
     try:
-        engine = _make_engine(config, graph, nodes, checkpoint)
-        master = Master(transport, graph, engine, nodes, node_ranks, _options(config),
+        engine = _make_engine(config, graph, nodes, checkpoint, margin)
+        master = Master(transport, graph, engine, nodes, node_ranks, options,
                         local_watch=config.watch if transport.size == 1 else None,
                         checkpoint=checkpoint, signals=signals)
         code = master.run()
     finally:
         _shutdown_all(transport, code)
-        if checkpoint is not None:
-            checkpoint.close()
+        checkpoint.close()
     return code
 
 
@@ -268,32 +269,21 @@ def _prepare(transport: Transport, config: RunConfig, info):
 
 
 def _open_checkpoint(config: RunConfig, graph):
-    try:
-        from pilot.checkpoint import open_checkpoint
-    except ModuleNotFoundError as err:
-        if err.name != "pilot.checkpoint":
-            raise
-        log.warning("no checkpoint module: progress of this run is not saved")
-        return None
+    from pilot.checkpoint import open_checkpoint
+
     return open_checkpoint(config.checkpoint, graph, retry_failed=config.retry_failed)
 
 
-def _make_engine(config: RunConfig, graph, nodes, checkpoint):
+def _make_engine(config: RunConfig, graph, nodes, checkpoint, margin_s: float):
     from pilot.engine import Engine
 
     engine = Engine(graph, nodes, max_failures=config.max_failures)
-    if checkpoint is not None:
-        if checkpoint.restored is not None:
-            engine.restore(*checkpoint.restored)
-        engine.listeners.append(checkpoint)
+    if checkpoint.restored is not None:
+        engine.restore(*checkpoint.restored)
+    engine.listeners.append(checkpoint)
     if config.deadline is not None:
-        engine.set_deadline(config.deadline, wall_margin(config.deadline, time.time()))
+        engine.set_deadline(config.deadline, margin_s)
     return engine
-
-
-def _options(config: RunConfig) -> MasterOptions:
-    margin = wall_margin(config.deadline, time.time()) if config.deadline else 60.0
-    return MasterOptions(config.logdir, config.progress_interval, config.deadline, margin)
 
 
 def _shutdown_all(transport: Transport, code: int) -> None:

@@ -26,7 +26,7 @@ def build_report(checkpoint, out_dir, *, nodes=None, node_memory=None, node_core
     from pilot.report_data import HEADROOM, ROUND_MB, capacity, failure_matrix, right_sizing, sizing_yaml, summary
     from pilot.report_read import read_run
     from pilot.status import label_counts
-    from pilot import report_figures as figs, report_html as page
+    from pilot import report_html as page
 
     data = read_run(checkpoint)
     _make_dir(out_dir)

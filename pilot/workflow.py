@@ -27,6 +27,7 @@ from pilot.workflow_values import apply_overrides, check_commands, label_values
 DEFAULT_LABEL = "default"
 RELOCATE_LIMIT = 64 * 2**20     # larger JSON files report problems without a line number
 _NAME_OK = re.compile(r"[^\s/\x00-\x1f\x7f]+").fullmatch
+NAME_RULE = "a name without spaces, '/' or control characters (and not . or ..)"
 
 
 def load_workflow(stream, name: str = "<workflow>") -> Graph:
@@ -138,7 +139,7 @@ def _read_sections(top: dict, defaults: dict) -> tuple[dict, dict]:
     for label, section in raw.items():
         context = f"pipetask section {show(label, 60) if not _good_name(label) else label}"
         if not _good_name(label):
-            raise Problem(raw, label, context, "a label must be a name without spaces or '/'")
+            raise Problem(raw, label, context, f"a label must be {NAME_RULE}")
         if not isinstance(section, dict):
             raise Problem(raw, label, context, f"must be a mapping of settings, got {show(section)}")
         check_keys(section, SECTION_KEYS, context)
@@ -154,9 +155,10 @@ def _good_name(name) -> bool:
 
 
 class _TaskScan:
-    """One pass over the tasks: ids, labels, dependencies, which tasks override settings.
+    """The tasks' ids, labels, dependencies and own commands, and which tasks set more.
 
-    This loop is the hot path for large files, so it does the least it can per task.
+    Large files take the per-column pass; the per-task pass is the reference, used for
+    anything unusual, and raises the first problem in file order.
     """
 
     def __init__(self, tasks: list):
@@ -211,7 +213,7 @@ class _TaskScan:
             if not task.keys() <= TASK_KEYS:
                 check_keys(task, TASK_KEYS, _context(task, i))
             tid = task.get("id")
-            if type(tid) is not str or _NAME_OK(tid) is None:
+            if type(tid) is not str or not _good_name(tid):
                 tid = _task_id(task, i)
             ids.append(tid)
             label = task.get("label", DEFAULT_LABEL)
@@ -242,7 +244,7 @@ class _TaskScan:
         label = task.get("label", DEFAULT_LABEL)
         if not _good_name(label):
             raise Problem(task, "label", f"task {tid}",
-                          f"label must be a name without spaces or '/', got {show(label)}")
+                          f"label must be {NAME_RULE}, got {show(label)}")
         numbers[label] = len(self.labels)
         self.labels.append(label)
         return numbers[label]
@@ -335,7 +337,7 @@ def _task_command(task: dict, tid: str):
 
 def _context(task: dict, i: int) -> str:
     tid = task.get("id")
-    return f"task {tid}" if isinstance(tid, str) and _NAME_OK(tid) else f"tasks[{i}]"
+    return f"task {tid}" if _good_name(tid) else f"tasks[{i}]"
 
 
 def _task_id(task: dict, i: int) -> str:
@@ -347,7 +349,7 @@ def _task_id(task: dict, i: int) -> str:
         return str(tid)
     if isinstance(tid, str) and tid.strip():
         raise Problem(task, "id", f"tasks[{i}]",
-                      f"id must be a name without spaces or '/', got {show(tid)}")
+                      f"id must be {NAME_RULE}, got {show(tid)}")
     raise Problem(task, "id", f"tasks[{i}]", f"id must be a non-empty string, got {show(tid)}")
 
 

@@ -50,10 +50,14 @@ class IdIndex:
             pending, slot = pending[~placed], (slot[~placed] + 1) & self.mask
 
     def _probe(self, hashes: np.ndarray) -> np.ndarray:
-        """Task number per key (first one along its probe chain), -1 where none."""
-        found = np.full(hashes.size, _EMPTY, dtype=np.int64)
-        pending = np.arange(hashes.size, dtype=np.int64)
+        """Task number per hash, -1 where none."""
         slot = hashes & self.mask
+        found = self.table[slot].astype(np.int64)
+        # most keys sit in their first slot: one pass over all of them, then a loop over
+        # the few whose slot holds another hash
+        moved = np.flatnonzero((found != _EMPTY) & (self.hashes[found] != hashes))
+        found[moved] = _EMPTY
+        pending, slot = moved, (slot[moved] + 1) & self.mask
         while pending.size:
             task = self.table[slot]
             empty = task == _EMPTY

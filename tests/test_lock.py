@@ -101,3 +101,8 @@ def test_record_of_a_dead_pid_on_this_host_is_taken_over(tmp_path):
     lock = acquire(path, "c.h5")
     assert read_holder(path)["pid"] == os.getpid()
     lock.release()
+
+
+def test_checkpoint_in_a_missing_folder_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="cannot create the lock file .*No such file or directory"):
+        open_checkpoint(tmp_path / "missing" / "c.h5", graph())

@@ -128,3 +128,13 @@ def test_walltime_drains_and_exits_3(tmp_path):
     assert "draining: wall time" in proc.stderr
     pids = _task_pids(tmp_path)
     assert pids and all(pid_gone(p) for p in pids)
+
+
+@pytest.mark.parametrize("args", [["missing.yaml"], ["packing", "--node-memory", "-5"]])
+def test_usage_errors_print_one_line_from_all_ranks(tmp_path, args):
+    wf = workflow(args[0], tmp_path)[0] if args[0] == "packing" else tmp_path / args[0]
+    proc = run_pilot(3, wf, tmp_path, *args[1:])
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pilot: error:"), proc.stderr
+    assert not (tmp_path / "ckpt.h5").exists()

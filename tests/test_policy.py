@@ -123,6 +123,25 @@ def test_slots_round_requests_up_to_whole_slots():
     assert len(e2.handle(Schedule(0.0))) == 2 and e2.policy.free_slots == [2]
 
 
+def test_earliest_fit_finds_the_node_that_frees_enough_soonest():
+    from pilot.engine_cluster import Cluster
+
+    memory = np.array([2000, 1000, 1500, 4000])
+    cluster = Cluster([Node("a", 4000, 4), Node("b", 3000, 4)], memory, np.ones(4, dtype=np.int32),
+                      np.array([0, 1, 0, 1]), 2)
+    cluster.label_estimate[:] = [5.0, 10.0]
+    cluster.place(0, 0, 2000, 1, 0, 0.0)   # a: ends at 5
+    cluster.place(1, 0, 1000, 1, 1, 0.0)   # a: ends at 10; a has 1000 MB free
+    cluster.place(2, 1, 1500, 1, 0, -2.0)  # b: ends at 3; b has 1500 MB free
+    assert cluster.earliest_fit(2500, 1, 2.0) == (1, 3.0)
+    assert cluster.earliest_fit(2500, 2, 2.0) == (1, 3.0)
+    assert cluster.earliest_fit(3500, 1, 2.0) == (0, 10.0)
+    assert cluster.earliest_fit(1200, 1, 2.0) == (1, 2.0)     # fits now
+    assert cluster.earliest_fit(5000, 1, 2.0)[0] == -1        # fits no node
+    assert cluster.earliest_fit(2500, 1, 8.0) == (0, 8.0)     # overdue tasks count as ending now
+    assert cluster.release(0) == 0 and cluster.free_memory.tolist() == [3000, 1500]
+
+
 def starvation_graph(n_small=40):
     """t0 (small) -> big -> c1 -> c2, and n_small independent small tasks."""
     n = 4 + n_small

@@ -140,7 +140,7 @@ def test_many_nodes_draw_heatmaps_and_a_gantt_sample(tmp_path, monkeypatch):
 
     n = 300
     graph = make_graph([f"t{i}" for i in range(n)], ["a", "b", "c"] * (n // 3),
-                       [[i - 3] if i >= 3 else [] for i in range(n)], memory_mb=1000, command="true")
+                       [[i - 60] if i >= 60 else [] for i in range(n)], memory_mb=1000, command="true")
     ck = open_checkpoint(tmp_path / "big.h5", graph)
     engine = Engine(graph, [Node(f"n{i}", 4000, 4) for i in range(12)])
     ck.attach(engine)

@@ -6,6 +6,7 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -152,14 +153,9 @@ def test_leftovers_of_the_group_are_killed(tmp_path):
     wait_for(lambda: pid_gone(int(pidfile.read_text())), 5, what="background process killed")
 
 
-def test_sigkill_is_oom_only_when_the_kernel_oom_killer_fired(tmp_path, payload, monkeypatch):
-    # The kernel OOM killer cannot be provoked safely on a shared machine: its counter is faked.
+def test_sigkill_without_the_kernel_oom_killer_is_a_signal(tmp_path, payload):
     _, plain = attempt(tmp_path, [payload, "--signal", "9"])
-    assert plain.failure == Failure.SIGNAL
-    counts = iter([4, 5])
-    monkeypatch.setattr(nodes, "oom_kill_count", lambda: next(counts))
-    _, oom = attempt(tmp_path, [payload, "--signal", "9"])
-    assert oom.failure == Failure.OOM and oom.signal == signal.SIGKILL
+    assert (plain.failure, plain.signal) == (Failure.SIGNAL, signal.SIGKILL)
 
 
 def test_process_table_tree_and_group():
@@ -186,3 +182,47 @@ def test_tree_walk_finds_what_a_full_scan_finds(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+KERNEL_OOM_HELPER = """
+import os, select, sys
+from pathlib import Path
+Path(sys.argv[1], "cgroup.procs").write_text(str(os.getpid()))
+from pilot.protocol import RunTask
+from pilot.runner import Runner, WatchConfig
+run = RunTask(1, 1, 0, "big", "l", "n", [sys.argv[2], "--mem", "400", "--sleep", "30"], None,
+              sys.argv[3] + "/big.1.log", 0.0, 100000, 1)
+runner = Runner(run, WatchConfig(tolerance=1.1, sample_interval=60))
+runner.start()
+while (result := runner.poll()) is None:
+    select.select([runner.pidfd], [], [], 1.0)
+print(result.failure.name, result.signal)
+"""
+
+
+def own_memory_cgroup():
+    """This process's cgroup v1 memory folder, if it can be written (root on a v1 host)."""
+    for line in open("/proc/self/cgroup").read().splitlines():
+        _, names, path = line.split(":", 2)
+        if "memory" in names.split(","):
+            folder = nodes.CGROUP_ROOT / "memory" / path.lstrip("/")
+            return folder if os.access(folder, os.W_OK) else None
+    return None
+
+
+def test_kernel_oom_killer_is_classified_oom(tmp_path, payload):
+    parent = own_memory_cgroup()
+    if parent is None:
+        pytest.skip("needs a writable cgroup v1 memory hierarchy")
+    group = parent / f"pilot_test_oom_{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(150 << 20))
+        out = subprocess.run([sys.executable, "-c", KERNEL_OOM_HELPER, str(group), payload, str(tmp_path)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert out.stdout.split() == ["OOM", str(int(signal.SIGKILL))], out.stderr[-2000:]
+        assert int(dict(line.split() for line in (group / "memory.oom_control").read_text().splitlines())
+                   ["oom_kill"]) >= 1
+    finally:
+        wait_for(lambda: not (group / "cgroup.procs").read_text().strip(), 10, what="cgroup empty")
+        group.rmdir()

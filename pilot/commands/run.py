@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from pilot.errors import UserError
+from pilot.errors import EXIT_USAGE, UserError
 
 NAME = "run"
 HELP = "run a workflow under mpiexec/srun (rank 0 schedules, other ranks run tasks); resumes from CKPT"
@@ -39,8 +39,13 @@ def run(args) -> int:
     from pilot.runner import WatchConfig
     from pilot.transport import MPITransport, guarded
 
-    _check(args)
     transport = MPITransport()
+    try:
+        _check(args)
+    except UserError:
+        if transport.rank == 0:
+            raise
+        return EXIT_USAGE   # every rank sees the same problem: rank 0 alone reports it
     _configure_logging(transport.rank)
     signals = Signals().install()
     info = local_node(args.node_memory, args.node_cores, per_rank=args.node_per_rank, rank=transport.rank)

@@ -1,0 +1,123 @@
+"""``mpiexec -n 3 pilot run GRAPH --butler REPO --checkpoint C`` on a real graph and repository:
+each execution mode, a kill -9 and resume, a failing quantum."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lsst.ctrl.mpexec", reason="the Rubin middleware needs Python >= 3.12 "
+                    "(scripts/setup-lsst.sh makes .venv-lsst)")
+
+from pilot.commands import run as run_command  # noqa: E402
+from pilot.lsst.testing_tasks import FAIL_ENV  # noqa: E402
+from tests.helpers import MPIEXEC, ROOT, mpi_env, wait_for  # noqa: E402
+from tests.lsst.checks import check_outputs, read_outputs  # noqa: E402
+
+pytestmark = [pytest.mark.lsst, pytest.mark.mpi]
+
+
+def run_dispatches_graphs() -> bool:
+    parser = argparse.ArgumentParser()
+    run_command.add_arguments(parser)
+    return "--butler" in parser.format_help()
+
+
+if not run_dispatches_graphs():
+    pytest.skip("pilot run has no --butler option yet (QuantumGraph dispatch)", allow_module_level=True)
+
+BPS = "requestMemory: 500\nnumberOfRetries: 1\n"
+NODE = ["--node-per-rank", "--node-memory", "1500", "--node-cores", "2", "--memory-interval", "0.2"]
+
+
+def pilot_argv(made, tmp_path: Path, mode: str) -> list[str]:
+    bps = tmp_path / "bps.yaml"
+    bps.write_text(BPS)
+    return [str(MPIEXEC), "-launcher", "fork", "-n", "3", sys.executable, "-m", "pilot.cli", "run",
+            str(made.graph_qg), "--butler", str(made.repo), "--bps-config", str(bps),
+            "--lsst-mode", mode, "--checkpoint", str(tmp_path / "ckpt.h5"), *NODE]
+
+
+def run_pilot(made, tmp_path: Path, mode: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(pilot_argv(made, tmp_path, mode), cwd=ROOT, env=mpi_env(**env),
+                          capture_output=True, text=True, timeout=600)
+
+
+def status(tmp_path: Path) -> dict:
+    out = subprocess.run([sys.executable, "-m", "pilot.cli", "status", str(tmp_path / "ckpt.h5"), "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def quantum_logs(tmp_path: Path) -> list[Path]:
+    return [p for p in (tmp_path / "ckpt.h5.logs").rglob("*.log") if p.name[0].isdigit()]
+
+
+@pytest.mark.parametrize("mode", ["warm", "subprocess"])
+def test_every_output_registered_in_each_mode(test_repo, tmp_path, mode):
+    proc = run_pilot(test_repo, tmp_path, mode)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_outputs(test_repo, read_outputs(test_repo.repo), range(test_repo.detectors), gather=True)
+    warm_logs = [p for p in quantum_logs(tmp_path) if "forked from warm server" in p.read_text()]
+    assert len(warm_logs) == (2 * test_repo.detectors + 1 if mode == "warm" else 0)
+    counts = status(tmp_path)
+    assert counts["a"]["exec_done"] == test_repo.detectors and counts["gather"]["exec_done"] == 1
+
+
+def processes_using(text: str) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def kill_leftovers(made) -> None:
+    """Quanta and warm servers of a killed run (they use the repository path): end them."""
+    for pid in processes_using(str(made.repo)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    wait_for(lambda: not processes_using(str(made.repo)), 30, what="leftover processes to end")
+
+
+def test_kill_minus_9_then_resume_registers_everything_once(test_repo, tmp_path):
+    proc = subprocess.Popen(pilot_argv(test_repo, tmp_path, "warm"), cwd=ROOT, env=mpi_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        done = lambda: sum("Executed 1 quanta successfully" in p.read_text() for p in quantum_logs(tmp_path))  # noqa: E731
+        wait_for(lambda: done() >= 10 or proc.poll() is not None, 300, what="10 quanta done")
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kill_leftovers(test_repo)
+    again = run_pilot(test_repo, tmp_path, "warm")
+    assert again.returncode == 0, again.stderr[-3000:]
+    check_outputs(test_repo, read_outputs(test_repo.repo), range(test_repo.detectors), gather=True)
+
+
+def test_failed_quantum_descendants_dep_fail_and_the_rest_is_registered(test_repo, tmp_path):
+    proc = run_pilot(test_repo, tmp_path, "warm", **{FAIL_ENV: "a:3"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    counts = status(tmp_path)
+    assert counts["a"]["failed"] == 1 and counts["a"]["exec_done"] == test_repo.detectors - 1
+    assert counts["b"]["dep_fail"] == 1 and counts["gather"]["dep_fail"] == 1
+    found = read_outputs(test_repo.repo)
+    others = [d for d in range(test_repo.detectors) if d != 3]
+    check_outputs(test_repo, found, others, gather=False)
+    assert ("add_dataset1", 3) not in found and ("add_dataset2", 3) not in found
+    assert ("gather_total", None) not in found
