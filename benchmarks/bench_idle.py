@@ -64,6 +64,24 @@ def _descends(pid: int, root: int) -> bool:
     return False
 
 
+def shm_segments() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("mpich_shm_*")}
+
+
+def cleanup_shm(before: set[str]) -> None:
+    """Remove MPICH segments that appeared during a run that did not end cleanly and that no
+    process maps any more (a killed job leaves them behind)."""
+    maps = []
+    for path in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            maps.append(path.read_text())
+        except OSError:
+            continue
+    for name in shm_segments() - before:
+        if not any(name in text for text in maps):
+            Path("/dev/shm", name).unlink(missing_ok=True)
+
+
 def wait_for(predicate, timeout: float):
     deadline = time.monotonic() + timeout
     while not (value := predicate()):
@@ -84,6 +102,7 @@ def main() -> None:
         cmd = [str(VENV_BIN / "mpiexec"), "-launcher", "fork", "-n", "3", sys.executable, "-m", "pilot.cli",
                "run", str(wf), "--checkpoint", f"{tmp}/ckpt.h5", "--node-per-rank", "--node-memory", "1000",
                "--progress-interval", "3600"]
+        before = shm_segments()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=mpi_env(), stderr=subprocess.DEVNULL)
         try:
             ranks = wait_for(lambda: r if len(r := rank_pids(proc.pid)) == 3 else None, 30)
@@ -101,6 +120,8 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 code = proc.wait()
+            if code != 3:
+                cleanup_shm(before)
     roles = {0: "master (rank 0)", 1: "agent with a running task (rank 1)", 2: "idle agent (rank 2)"}
     print(f"window {wall:.1f} s; run stopped by SIGTERM, exit code {code}")
     for rank in sorted(used):

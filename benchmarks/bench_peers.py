@@ -1,21 +1,23 @@
 """Null and short tasks through pilot, Parsl and a bare spawn loop, in the same run.
 
     scripts/setup-bench.sh                      # once: installs Parsl into .venv
-    .venv/bin/python benchmarks/bench_peers.py [--tasks 1000] [--agents 2] [--cores 4] [--rounds 3]
+    .venv/bin/python benchmarks/bench_peers.py [--tasks 500] [--agents 2] [--cores 4] [--rounds 3]
 
-Each round runs ``true`` and then ``sleep 0.1`` tasks, the same count and the same
-concurrency (agents x cores) through:
+Each round runs ``true`` tasks and ``sleep 0.1`` tasks, the same count and the same
+concurrency (agents x cores), through:
 
 - pilot: ``mpiexec -n agents+1 pilot run`` with one emulated node of ``cores`` cores per agent
-  rank (every task's output goes to its own log file);
+  rank, one run per kind (every task's output goes to its own log file);
 - Parsl: a ``HighThroughputExecutor`` on a ``LocalProvider`` (one block, agents x cores
-  workers), one ``bash_app`` per task with its output to its own file, in a fresh Python;
+  workers), one ``bash_app`` per task with its output to its own file; one session (a fresh
+  Python) per round runs both kinds after a warm-up task per worker;
 - a bare loop: ``subprocess.Popen`` keeping the same number in flight (output discarded).
 
-Two rates per executor: end to end (interpreter and runtime start-up and shutdown included)
-and in-run (pilot: first task start to last task end, from its checkpoint; Parsl: first
-submit to last result after a warm-up task per worker; the bare loop has no start-up). The
-executors take turns in a rotating order; figures are medians over rounds.
+Two rates per executor and kind. In-run: pilot from its first task start to its last task end
+(checkpoint times); Parsl from the first submit to the last result; the bare loop has no
+start-up. End to end: pilot's whole ``mpiexec``; Parsl's session cost (interpreter, start-up,
+warm-up, shutdown) plus the kind's in-run time. The executors take turns in a rotating order;
+figures are medians over rounds, with the load average.
 """
 
 from __future__ import annotations
@@ -85,9 +87,11 @@ def pilot_run(folder: Path, argv: list[str], tasks: int, agents: int, cores: int
     return {"end_to_end_s": wall, "in_run_s": float(table.end.max() - table.start.min())}
 
 
-def parsl_run(folder: Path, argv: list[str], tasks: int, workers: int) -> dict:
-    """Parsl in a fresh interpreter (this script with --parsl-child)."""
-    cmd = [sys.executable, __file__, "--parsl-child", json.dumps(argv), "--tasks", str(tasks),
+def parsl_run(folder: Path, kinds: list[str], tasks: int, workers: int) -> dict:
+    """One Parsl session (a fresh interpreter: this script with --parsl-child) runs every
+    kind in turn; a kind's end-to-end time is the session's fixed cost (interpreter, start-up,
+    warm-up, shutdown) plus its own in-run time."""
+    cmd = [sys.executable, __file__, "--parsl-child", "--kinds", *kinds, "--tasks", str(tasks),
            "--workers", str(workers), "--folder", str(folder)]
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}")  # Parsl's own scripts
     began = time.perf_counter()
@@ -95,14 +99,15 @@ def parsl_run(folder: Path, argv: list[str], tasks: int, workers: int) -> dict:
     wall = time.perf_counter() - began
     if proc.returncode != 0:
         sys.exit(f"parsl run failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    child = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"end_to_end_s": wall, "in_run_s": child["in_run_s"]}
+    in_run = json.loads(proc.stdout.strip().splitlines()[-1])
+    fixed = wall - sum(in_run.values())
+    return {kind: {"end_to_end_s": fixed + s, "in_run_s": s} for kind, s in in_run.items()}
 
 
-def parsl_child(argv: list[str], tasks: int, workers: int, folder: Path) -> None:
-    """Run the tasks as Parsl bash_apps on a local HighThroughputExecutor; print JSON."""
+def parsl_child(kinds: list[str], tasks: int, workers: int, folder: Path) -> None:
+    """Run each kind's tasks as Parsl bash_apps on a local HighThroughputExecutor; print
+    {kind: in-run seconds} as JSON."""
     import parsl
-    from parsl.app.app import bash_app
     from parsl.config import Config
     from parsl.executors import HighThroughputExecutor
     from parsl.providers import LocalProvider
@@ -113,42 +118,53 @@ def parsl_child(argv: list[str], tasks: int, workers: int, folder: Path) -> None
                                   cores_per_worker=0.001,
                                   provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1))
     parsl.load(Config(executors=[htex], run_dir=str(folder / "runinfo"), strategy="none"))
-    command = " ".join(argv)
+    _parsl_batch("true", workers, None)   # warm-up: every worker started and connected
+    out = {kind: _parsl_batch(" ".join(KINDS[kind]), tasks, folder / "logs" / str(i))
+           for i, kind in enumerate(kinds)}
+    parsl.dfk().cleanup()
+    print(json.dumps(out))
+
+
+def _parsl_batch(command: str, tasks: int, logs: Path | None) -> float:
+    """Submit ``tasks`` bash_apps of ``command``, wait for all; seconds taken."""
+    from parsl.app.app import bash_app
 
     @bash_app
     def task(stdout=None, stderr=None):
         return command
 
-    logs = folder / "logs"
-    logs.mkdir()
-    for future in [task() for _ in range(workers)]:   # warm-up: every worker connected
-        future.result()
+    if logs is not None:
+        logs.mkdir(parents=True)
     began = time.perf_counter()
-    futures = [task(stdout=str(logs / f"t{i}.log"), stderr=str(logs / f"t{i}.log"))
-               for i in range(tasks)]
+    futures = [task(stdout=str(logs / f"t{i}.log") if logs else None,
+                    stderr=str(logs / f"t{i}.log") if logs else None) for i in range(tasks)]
     failed = sum(f.exception() is not None for f in futures)
-    in_run = time.perf_counter() - began
-    parsl.dfk().cleanup()
     if failed:
-        sys.exit(f"{failed} Parsl tasks failed")
-    print(json.dumps({"in_run_s": in_run}))
+        sys.exit(f"{failed} of {tasks} Parsl tasks of {command!r} failed")
+    return time.perf_counter() - began
 
 
 # ---- rounds and figures ---------------------------------------------------------------
 
 
-def one_round(kind: str, args, order: list[str]) -> dict:
-    """Every executor once on the same tasks; {executor: figures}."""
-    argv, concurrency = KINDS[kind], args.agents * args.cores
-    out = {}
+def one_round(args, order: list[str]) -> dict:
+    """Every executor once on every kind; {kind: {executor: figures}}."""
+    concurrency = args.agents * args.cores
+    out = {kind: {} for kind in args.kinds}
     for name in order:
         with tempfile.TemporaryDirectory(prefix="bench_peers_") as tmp:
-            if name == "bare":
-                out[name] = bare_loop(argv, args.tasks, concurrency)
-            elif name == "pilot":
-                out[name] = pilot_run(Path(tmp), argv, args.tasks, args.agents, args.cores)
-            else:
-                out[name] = parsl_run(Path(tmp), argv, args.tasks, concurrency)
+            if name == "parsl":
+                for kind, figures in parsl_run(Path(tmp), args.kinds, args.tasks, concurrency).items():
+                    out[kind][name] = figures
+                continue
+            for i, kind in enumerate(args.kinds):
+                if name == "bare":
+                    out[kind][name] = bare_loop(KINDS[kind], args.tasks, concurrency)
+                else:
+                    folder = Path(tmp) / str(i)
+                    folder.mkdir()
+                    out[kind][name] = pilot_run(folder, KINDS[kind], args.tasks, args.agents,
+                                                args.cores)
     return out
 
 
@@ -157,6 +173,11 @@ def medians(rounds: list[dict], tasks: int) -> dict:
     return {name: (statistics.median(tasks / r[name]["end_to_end_s"] for r in rounds),
                    statistics.median(tasks / r[name]["in_run_s"] for r in rounds))
             for name in EXECUTORS}
+
+
+def paired(rounds: list[dict], a: str, b: str, key: str) -> float:
+    """Median over rounds of a's rate / b's rate (both ran in the same round)."""
+    return statistics.median(r[b][key] / r[a][key] for r in rounds)
 
 
 def show(kind: str, rounds: list[dict], args, loads: list[float]) -> None:
@@ -173,8 +194,8 @@ def show(kind: str, rounds: list[dict], args, loads: list[float]) -> None:
         per_round = ", ".join(f"{args.tasks / r[name]['in_run_s']:.0f}" for r in rounds)
         print(f"  {names[name]:12} {rate[name][0]:13.1f} {rate[name][1]:9.1f}   ({per_round})")
     for a, b in (("pilot", "parsl"), ("pilot", "bare"), ("parsl", "bare")):
-        print(f"  ratio {a}/{b}: end to end {rate[a][0] / rate[b][0]:.2f}, "
-              f"in-run {rate[a][1] / rate[b][1]:.2f}")
+        print(f"  ratio {a}/{b} (median of per-round ratios): end to end "
+              f"{paired(rounds, a, b, 'end_to_end_s'):.2f}, in-run {paired(rounds, a, b, 'in_run_s'):.2f}")
     if ideal:
         print(f"  in-run / ideal ({ideal:.0f}/s = concurrency / 0.1 s): " + ", ".join(
             f"{names[n]} {rate[n][1] / ideal:.2f}" for n in EXECUTORS))
@@ -182,29 +203,28 @@ def show(kind: str, rounds: list[dict], args, loads: list[float]) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=1000, help="tasks per run (each kind)")
+    parser.add_argument("--tasks", type=int, default=500, help="tasks per run (each kind)")
     parser.add_argument("--agents", type=int, default=2, help="pilot agent ranks (emulated nodes)")
     parser.add_argument("--cores", type=int, default=4, help="cores per emulated node")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (median is reported)")
     parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS))
-    parser.add_argument("--parsl-child", metavar="ARGV_JSON", help=argparse.SUPPRESS)
+    parser.add_argument("--parsl-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.parsl_child:
-        parsl_child(json.loads(args.parsl_child), args.tasks, args.workers, Path(args.folder))
+        parsl_child(args.kinds, args.tasks, args.workers, Path(args.folder))
         return 0
     try:
         import parsl  # noqa: F401
     except ImportError:
         sys.exit("Parsl is not installed: run scripts/setup-bench.sh")
+    rounds, loads = [], []
+    for i in range(args.rounds):
+        rounds.append(one_round(args, list(EXECUTORS[i % 3:] + EXECUTORS[:i % 3])))
+        loads.append(os.getloadavg()[0])
     for kind in args.kinds:
-        rounds, loads = [], []
-        for i in range(args.rounds):
-            order = list(EXECUTORS[i % 3:] + EXECUTORS[:i % 3])
-            rounds.append(one_round(kind, args, order))
-            loads.append(os.getloadavg()[0])
-        show(kind, rounds, args, loads)
+        show(kind, [r[kind] for r in rounds], args, loads)
     return 0
 
 

@@ -73,7 +73,7 @@ def peak_in_use(att, weight: np.ndarray, n_nodes: int) -> np.ndarray:
 
 
 def time_edges(t0: float, t1: float, bins: int) -> np.ndarray:
-    return np.linspace(t0, max(t1, t0 + 1e-9), bins + 1)
+    return np.linspace(t0, max(t1, t0 + 1.0), bins + 1)   # at least 1 s: epoch floats lose tiny steps
 
 
 def binned_use(keys: np.ndarray, start: np.ndarray, end: np.ndarray, weight: np.ndarray,

@@ -230,3 +230,22 @@ def test_progress_line_counts():
     line = progress_line(FakeEngine(), [Node("a", 100, 1), Node("b", 100, 1)])
     assert line == ("progress: done 1/5 running 2 ready 1 failed 1 dep_fail 0 | nodes busy 1/2 "
                     "| memory 30/200 MB")
+
+
+def _stop_after_records(record: Path, signals: Signals, count: int) -> None:
+    wait_for(lambda: len(read_records(record)) >= count, 30, what=f"{count} records")
+    signals.signum = 10
+
+
+def test_resume_after_a_drain_runs_each_task_once(tmp_path):
+    wf, record = workflow("packing", tmp_path)
+    signals = Signals()
+    stopper = threading.Thread(target=_stop_after_records, args=(record, signals, 3), daemon=True)
+    stopper.start()
+    assert run_local(tmp_path, wf, emulated(2), signals=signals) == 3
+    first = len(read_records(record))
+    assert 3 <= first < len(PACKING_IDS)
+    assert run_local(tmp_path, wf, emulated(2)) == 0
+    records = read_records(record)
+    assert_exactly_once(records, PACKING_IDS)
+    assert_order(records, PACKING_EDGES)

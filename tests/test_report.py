@@ -184,3 +184,18 @@ def test_percentiles_are_nearest_rank_and_suggestion_rounds_up():
     assert pct[0].tolist() == [3, 5, 5] and np.isnan(pct[1]).all() and pct[2].tolist() == [10, 10, 10]
     assert suggested_request(1000) == 1280 and suggested_request(1280 / 1.2) == 1280
     assert suggested_request(0) is None
+
+
+def test_report_of_a_run_that_has_not_started(tmp_path):
+    from pilot.checkpoint import open_checkpoint
+    from tests.report_runs import known_graph
+
+    ck = open_checkpoint(tmp_path / "new.h5", known_graph())
+    try:
+        result = build_report(tmp_path / "new.h5", tmp_path / "out")
+    finally:
+        ck.close()
+    assert result["in_progress"] and result["attempts"] == 0 and result["makespan_s"] == 0
+    assert "failures.png" not in result["figures"]
+    assert "No peak RSS was recorded" in (tmp_path / "out" / "index.html").read_text()
+    check_page(tmp_path / "out")

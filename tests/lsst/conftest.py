@@ -22,3 +22,15 @@ def built_repo(tmp_path_factory):
 def test_repo(built_repo, tmp_path):
     """A private copy of the repository and graphs for one test."""
     return copy_repo(built_repo, tmp_path / "work")
+
+
+@pytest.fixture(scope="session")
+def small_built_repo(tmp_path_factory):
+    """A 9-quantum graph (4 detectors) for runs where each quantum is a whole pipetask process."""
+    pytest.importorskip("lsst.ctrl.mpexec", reason="the Rubin middleware needs Python >= 3.12")
+    return build(tmp_path_factory.mktemp("lsst") / "small", 4)
+
+
+@pytest.fixture
+def small_repo(small_built_repo, tmp_path):
+    return copy_repo(small_built_repo, tmp_path / "work")

@@ -61,14 +61,17 @@ def quantum_logs(tmp_path: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("mode", ["warm", "subprocess"])
-def test_every_output_registered_in_each_mode(test_repo, tmp_path, mode):
-    proc = run_pilot(test_repo, tmp_path, mode)
+def test_every_output_registered_in_each_mode(request, tmp_path, mode):
+    # A process per quantum costs seconds of CPU each: subprocess mode runs the 9-quantum graph.
+    made = request.getfixturevalue("test_repo" if mode == "warm" else "small_repo")
+    proc = run_pilot(made, tmp_path, mode)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    check_outputs(test_repo, read_outputs(test_repo.repo), range(test_repo.detectors), gather=True)
+    check_outputs(made, read_outputs(made.repo), range(made.detectors), gather=True)
     warm_logs = [p for p in quantum_logs(tmp_path) if "forked from warm server" in p.read_text()]
-    assert len(warm_logs) == (2 * test_repo.detectors + 1 if mode == "warm" else 0)
+    assert len(warm_logs) == (2 * made.detectors + 1 if mode == "warm" else 0)
+    assert len(quantum_logs(tmp_path)) == 2 * made.detectors + 1
     counts = status(tmp_path)
-    assert counts["a"]["exec_done"] == test_repo.detectors and counts["gather"]["exec_done"] == 1
+    assert counts["a"]["exec_done"] == made.detectors and counts["gather"]["exec_done"] == 1
 
 
 def processes_using(text: str) -> list[int]:
