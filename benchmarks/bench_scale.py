@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", type=int, nargs="+", default=[1_000_000],
                         help="graph sizes (about this many tasks each); 15000000 needs ~9 GB")
     parser.add_argument("--repeat", type=int, default=3, help="fresh-process runs (median)")
-    parser.add_argument("--sim-seconds", type=float, default=1800.0,
+    parser.add_argument("--sim-seconds", type=float, default=600.0,
                         help="simulated seconds of dispatch before the drain")
     parser.add_argument("--nodes", type=int, default=132)
     parser.add_argument("--node-memory", type=int, default=256_000, metavar="MB")

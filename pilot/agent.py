@@ -8,6 +8,7 @@ transport's back-off; when idle it only polls the transport.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import select
@@ -22,6 +23,7 @@ from pilot.transport import Backoff, Transport
 
 log = logging.getLogger("pilot.agent")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_HOLD_S = 1.0    # how long a result killed by SIGTERM/SIGINT/SIGUSR1 waits for our own signal
 IDLE_POLL_S = 0.25   # how often an idle loop looks at signals (the transport sleeps in between)
 
 
@@ -49,13 +51,22 @@ class Agent:
         self.watch = watch
         self.runners: dict[tuple[int, int], Runner] = {}
         self.stopped = False
+        self.stop_seen = False      # a stop signal reached this rank, or the master drains
+        self.held: list[tuple[float, TaskFinished]] = []
         self._next_sample = 0.0
+
+    @property
+    def busy(self) -> bool:
+        """Attempts running, or results held back for a moment."""
+        return bool(self.runners or self.held)
 
     def handle(self, message) -> None:
         """Act on a message from the master."""
         if isinstance(message, RunTask):
             self._start(message)
         elif isinstance(message, Kill):
+            if message.task == ALL_TASKS and message.failure == Failure.INTERRUPTED:
+                self.stop_seen = True
             self.kill(message.task, message.attempt, message.failure)
         elif isinstance(message, Shutdown):
             self.kill(ALL_TASKS, 0, Failure.INTERRUPTED, hard=True)
@@ -86,14 +97,43 @@ class Agent:
             self._next_sample = now + self.watch.sample_interval
         for runner in self.runners.values():
             runner.check_time(now)
-        ended = False
+        ended = self._release_held(now)
         for key in self._exited():
             result = self.runners[key].poll()
             if result is not None:
                 del self.runners[key]
-                self.send(result)
+                self._report(result, now)
                 ended = True
         return ended
+
+    def _report(self, result: TaskFinished, now: float) -> None:
+        """Send a result; one killed by a stop signal waits briefly to learn whether the run stops.
+
+        ``scancel`` and srun signal every process at once, so a task may die of the job's SIGTERM
+        a moment before this rank handles the same signal: that attempt was interrupted, not failed.
+        """
+        if result.failure == Failure.SIGNAL and result.signal in STOP_SIGNALS:
+            if self.stop_seen:
+                result = dataclasses.replace(result, failure=Failure.INTERRUPTED)
+            else:
+                self.held.append((now + STOP_HOLD_S, result))
+                return
+        self.send(result)
+
+    def _release_held(self, now: float) -> bool:
+        if not self.held:
+            return False
+        keep = []
+        for deadline, result in self.held:
+            if self.stop_seen:
+                self.send(dataclasses.replace(result, failure=Failure.INTERRUPTED))
+            elif now >= deadline:
+                self.send(result)
+            else:
+                keep.append((deadline, result))
+        released = len(keep) < len(self.held)
+        self.held = keep
+        return released
 
     def _exited(self) -> list[tuple[int, int]]:
         """Attempts whose main process has ended (their pidfd is readable): one syscall for all."""
@@ -132,7 +172,7 @@ def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchCo
     backoff = Backoff()
     code = 0
     while not agent.stopped:
-        item = transport.poll(0.0 if agent.runners else IDLE_POLL_S)
+        item = transport.poll(0.0 if agent.busy else IDLE_POLL_S)
         if item is not None:
             agent.handle(item[1])
             code = item[1].code if isinstance(item[1], Shutdown) else code
@@ -140,7 +180,7 @@ def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchCo
         _forward_signal(agent, transport, signals)
         if agent.step():
             backoff.activity()
-        elif item is None and agent.runners:
+        elif item is None and agent.busy:
             agent.wait(backoff.next_delay())
     _finish(agent)
     transport.close()
@@ -150,6 +190,7 @@ def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchCo
 def _forward_signal(agent: Agent, transport: Transport, signals: Signals | None) -> None:
     if signals is not None and signals.signum:
         log.warning("rank %d caught signal %d: interrupting its tasks", transport.rank, signals.signum)
+        agent.stop_seen = True
         agent.kill(ALL_TASKS, 0, Failure.INTERRUPTED)
         transport.send(0, Interrupted(transport.rank, signals.signum))
         signals.signum = 0
@@ -159,6 +200,6 @@ def _finish(agent: Agent, grace: float = 5.0) -> None:
     """Reap attempts still running at shutdown (they were killed with SIGKILL)."""
     agent.send = lambda message: None   # the master is gone: nobody to report to
     deadline = time.monotonic() + grace
-    while agent.runners and time.monotonic() < deadline:
+    while agent.busy and time.monotonic() < deadline:
         if not agent.step():
             agent.wait(0.01)

@@ -12,6 +12,8 @@ import sys
 
 from pilot.errors import EXIT_USAGE, UserError
 
+DESCRIPTION = ("pilot: run task DAGs (generic workflows, LSST QuantumGraphs) inside one Slurm allocation "
+               "under MPI, packing tasks onto nodes by memory and cores, with an HDF5 checkpoint.")
 COMMAND_MODULES = ("validate", "simulate", "run", "status", "report", "submit", "cancel")
 
 
@@ -20,8 +22,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"pilot: error: {message}\n")
 
 
-def _load_commands():
-    for name in COMMAND_MODULES:
+def _load_commands(names=COMMAND_MODULES):
+    for name in names:
         try:
             yield importlib.import_module(f"pilot.commands.{name}")
         except ModuleNotFoundError as err:
@@ -29,18 +31,25 @@ def _load_commands():
                 raise
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pilot", description=__doc__.splitlines()[0])
+def build_parser(names=COMMAND_MODULES) -> argparse.ArgumentParser:
+    parser = _Parser(prog="pilot", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for module in _load_commands():
+    for module in _load_commands(names):
         cmd = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
         module.add_arguments(cmd)
         cmd.set_defaults(_run=module.run)
     return parser
 
 
+def _chosen(argv: list[str]) -> tuple[str, ...]:
+    # Import only the chosen command: every MPI rank runs this, and the others' imports cost time.
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return (first,) if first in COMMAND_MODULES else COMMAND_MODULES
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_chosen(argv)).parse_args(argv)
     try:
         return int(args._run(args))
     except UserError as err:

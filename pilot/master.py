@@ -14,13 +14,14 @@ Stopping: a stop signal (on rank 0, or reported by an agent) or the wall-time ma
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from pilot.agent import Agent, Signals
+from pilot.agent import STOP_SIGNALS, Agent, Signals
 from pilot.errors import EXIT_INTERRUPTED, EXIT_USAGE
 from pilot.events import Drain, Failure, Node, Schedule, State, TaskFinished, TaskStarted
 from pilot.graph import Graph
@@ -124,7 +125,7 @@ class Master:
     def _next_message(self):
         if self.inbox:
             return 0, self.inbox.popleft()
-        if self.local is None or not self.local.runners:
+        if self.local is None or not self.local.busy:
             return self.transport.poll(IDLE_POLL_S)
         if self.local.step():
             self.backoff.activity()
@@ -163,6 +164,10 @@ class Master:
             log.warning("master ignores %r from rank %d", message, source)
 
     def _finished(self, message: TaskFinished) -> None:
+        if self.drained_at is not None and _stopped_by_signal(message):
+            # Slurm's scancel signals every process: a task that died of it while we drain was
+            # not at fault, so its attempt does not count.
+            message = dataclasses.replace(message, failure=Failure.INTERRUPTED)
         rank = self.rank_of.pop((message.task, message.attempt), None)
         if rank is not None:
             self.load[rank] -= 1
@@ -206,6 +211,10 @@ class Master:
         else:
             self.transport.send(rank, message)
 
+
+
+def _stopped_by_signal(message: TaskFinished) -> bool:
+    return message.failure == Failure.SIGNAL and message.signal in STOP_SIGNALS
 
 
 # ---- rank 0's whole run -------------------------------------------------------------
@@ -280,6 +289,9 @@ def _make_engine(config: RunConfig, graph, nodes, checkpoint, margin_s: float):
     engine = Engine(graph, nodes, max_failures=config.max_failures)
     if checkpoint.restored is not None:
         engine.restore(*checkpoint.restored)
+    # attach: the scaled memory request, attempt and node of a launch are the engine's decisions,
+    # which the checkpoint must persist (events alone do not carry them).
+    checkpoint.attach(engine)
     engine.listeners.append(checkpoint)
     if config.deadline is not None:
         engine.set_deadline(config.deadline, margin_s)

@@ -103,6 +103,9 @@ def detect_memory_mb(env=os.environ) -> int:
     """Usable task memory of the node in MB (after the reserve)."""
     if env.get("SLURM_MEM_PER_NODE"):
         total = int(env["SLURM_MEM_PER_NODE"])
+    elif env.get("SLURM_MEM_PER_CPU") and env.get("SLURM_CPUS_ON_NODE"):
+        # --mem-per-cpu (CSD3's default): the job's share of the node is per CPU allocated.
+        total = int(env["SLURM_MEM_PER_CPU"]) * int(env["SLURM_CPUS_ON_NODE"])
     else:
         limit = cgroup_memory_limit_mb()
         physical = meminfo_total_mb()

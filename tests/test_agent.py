@@ -1,0 +1,50 @@
+"""The agent's handling of tasks that die of the job's own stop signal (scancel signals every process)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from pilot.agent import Agent
+from pilot.events import Failure, TaskFinished, TaskStarted
+from pilot.protocol import ALL_TASKS, Kill, RunTask
+from pilot.runner import WatchConfig
+from tests.helpers import wait_for
+
+
+def _run(tmp_path, task=1) -> RunTask:
+    return RunTask(task, 1, 0, f"t{task}", "lbl", "n0", ["sleep", "30"], None,
+                   str(tmp_path / f"t{task}.log"), 0.0, 100, 1)
+
+
+def _started_agent(tmp_path, sent):
+    agent = Agent(sent.append, WatchConfig())
+    agent.handle(_run(tmp_path))
+    started = wait_for(lambda: next((m for m in sent if isinstance(m, TaskStarted)), None), 10, what="start")
+    return agent, started
+
+
+def _finished(agent, sent):
+    def step():
+        agent.step()
+        return next((m for m in sent if isinstance(m, TaskFinished)), None)
+    return wait_for(step, 10, 0.01, "result")
+
+
+def test_sigterm_from_outside_is_a_failure_when_the_run_goes_on(tmp_path):
+    sent = []
+    agent, started = _started_agent(tmp_path, sent)
+    os.killpg(started.pid, signal.SIGTERM)
+    result = _finished(agent, sent)
+    assert result.failure == Failure.SIGNAL and result.signal == signal.SIGTERM
+
+
+def test_sigterm_just_before_the_drain_is_an_interruption(tmp_path):
+    sent = []
+    agent, started = _started_agent(tmp_path, sent)
+    os.killpg(started.pid, signal.SIGTERM)
+    wait_for(lambda: agent.step() or agent.held, 10, 0.01, "held result")
+    assert not any(isinstance(m, TaskFinished) for m in sent)   # held back, not yet reported
+    agent.handle(Kill(ALL_TASKS, 0, Failure.INTERRUPTED))        # the drain arrives
+    result = _finished(agent, sent)
+    assert result.failure == Failure.INTERRUPTED and not agent.busy
