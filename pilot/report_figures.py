@@ -86,7 +86,8 @@ def draw_gantt(data, t0: float, folder: str) -> Figure:
     colours = label_colours(len(data.labels))
     lab = data.label[sub.task]
     left, right = (sub.start - t0) / scale, (sub.end - t0) / scale
-    ax.add_collection(_bars(base[sub.node] + lane, left, right, colours[lab], sub.failure > 0))
+    thin = 0.6 if base[-1] < 100 else 0.25    # many rows: thinner outlines keep the colours visible
+    ax.add_collection(_bars(base[sub.node] + lane, left, right, colours[lab], sub.failure > 0, thin))
     ax.set_xlim(0, max(float(right.max()) if right.size else 1.0, 1e-9) * 1.02)
     ax.hlines(base[nodes[1:]] - 0.5, 0, 1, transform=ax.get_yaxis_transform(), color="0.6", linewidth=0.6)
     ax.set_yticks([base[n] + height[n] / 2 - 0.5 for n in nodes], [f"node {n}" for n in nodes], fontsize=7)
@@ -100,7 +101,7 @@ def draw_gantt(data, t0: float, folder: str) -> Figure:
                   f"failed attempts have a red outline, others a white one. Drawn: {what}.")
 
 
-def _bars(y, left, right, colours, failed):
+def _bars(y, left, right, colours, failed, width: float):
     """All bars as one PolyCollection (one artist: fast to draw at thousands of bars)."""
     from matplotlib.collections import PolyCollection
 
@@ -108,7 +109,7 @@ def _bars(y, left, right, colours, failed):
     verts = np.stack([np.stack([left, lo], 1), np.stack([right, lo], 1),
                       np.stack([right, hi], 1), np.stack([left, hi], 1)], axis=1)
     edges = np.where(failed[:, None], [[0.85, 0, 0, 1]], [[1, 1, 1, 1]])
-    return PolyCollection(verts, facecolors=colours, edgecolors=edges, linewidths=0.6)
+    return PolyCollection(verts, facecolors=colours, edgecolors=edges, linewidths=width)
 
 
 def draw_running(data, t0: float, t1: float, folder: str) -> Figure:

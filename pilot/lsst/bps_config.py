@@ -6,8 +6,9 @@ The keys and defaults are those of ctrl_bps (``bps_defaults.yaml``): ``requestMe
 up in the label's ``pipetask: <label>:`` section first, then at the top level, then in the
 defaults. The init job's label is ``pipetaskInit``. ``finalJob:`` may hold ``command1`` (a
 command using ``transfer-from-graph`` selects that tool; anything else means
-``aggregate-graph``), ``requestCpus`` and ``updateOutputChain``; ``extraAggregateOptions``
-is read at the top level.
+``aggregate-graph``), ``requestCpus`` (processes of aggregate-graph; when not given, one per
+5000 quanta, at most 16: worker start-up outweighs the gain on small graphs) and
+``updateOutputChain``; ``extraAggregateOptions`` is read at the top level.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ DEFAULTS = {
     "requestMemoryMax": 0,
     "retryUnlessExit": (1, 2),
 }
-FINAL_DEFAULTS = {"requestCpus": 16, "updateOutputChain": "--update-output-chain"}
+FINAL_DEFAULTS = {"requestCpus": 0, "updateOutputChain": "--update-output-chain"}   # 0: automatic
 _UNITS_MB = {"": 1, "MB": 1, "MIB": 1, "M": 1, "GB": 1024, "GIB": 1024, "G": 1024, "TB": 1024 ** 2,
              "TIB": 1024 ** 2}
 
@@ -51,7 +52,7 @@ class FinalJob:
     """How the final job registers outputs: ``aggregate`` (aggregate-graph) or ``transfer``."""
 
     tool: str = "aggregate"
-    cpus: int = 16
+    cpus: int = 0        # processes for aggregate-graph; 0 = automatic
     update_output_chain: bool = True
     extra_options: tuple[str, ...] = ()
 
@@ -124,8 +125,8 @@ def _final_job(data: dict, name: str) -> FinalJob:
     extra = str(data.get("extraAggregateOptions", "") or "").split()
     return FinalJob(
         tool="transfer" if "transfer-from-graph" in command else "aggregate",
-        cpus=_positive_int(final.get("requestCpus", FINAL_DEFAULTS["requestCpus"]), f"{name}: finalJob",
-                           "requestCpus"),
+        cpus=_positive_int(final["requestCpus"], f"{name}: finalJob", "requestCpus")
+        if "requestCpus" in final else FINAL_DEFAULTS["requestCpus"],
         update_output_chain=bool(chain) and str(chain).strip() != "",
         extra_options=tuple(extra),
     )

@@ -57,6 +57,7 @@ class LsstRun:
     python: str = sys.executable
     final: FinalJob = field(default_factory=FinalJob)
     output_run: str = ""
+    quanta: int = 0
 
 
 def is_quantum_graph(path) -> bool:
@@ -87,7 +88,7 @@ def final_command(run: LsstRun, complete: bool) -> list[str]:
     if final.tool == "transfer":
         return tool_command(run, "butler", "transfer-from-graph", run.graph_file, run.repo,
                             "--register-dataset-types", *chain, *final.extra_options)
-    cpus = max(1, min(final.cpus, os.cpu_count() or 1))
+    cpus = max(1, min(final.cpus or min(16, run.quanta // 5000), os.cpu_count() or 1))
     done = [] if complete else ["--incomplete"]
     return tool_command(run, "butler", "aggregate-graph", run.graph_file, run.repo, "-j", str(cpus),
                         "--register-dataset-types", *chain, *done, *final.extra_options)
@@ -166,7 +167,7 @@ def load_qgraph(path, repo, config: BpsConfig | None = None, mode: str = "warm")
         raise UserError(f"{path}: not a readable QuantumGraph ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
     final = final_job_for(path, (config or default_config()).final)
-    run = LsstRun(str(repo), str(path), mode, sys.executable, final, quanta.output_run)
+    run = LsstRun(str(repo), str(path), mode, sys.executable, final, quanta.output_run, len(quanta.uuids))
     return build_graph(quanta, run, config)
 
 

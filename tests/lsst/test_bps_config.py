@@ -20,7 +20,7 @@ def parse(text: str):
 def test_ctrl_bps_defaults():
     assert default_config().requests("isr") == Requests(2048, 1, 5, 2.0, 0, (1, 2))
     final = default_config().final
-    assert (final.tool, final.cpus, final.update_output_chain) == ("aggregate", 16, True)
+    assert (final.tool, final.cpus, final.update_output_chain) == ("aggregate", 0, True)
 
 
 def test_label_section_overrides_top_level_which_overrides_defaults():

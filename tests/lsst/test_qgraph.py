@@ -62,7 +62,8 @@ def test_commands_init_and_final_job(built_repo):
     run = graph.extra["lsst"]
     assert run.output_run == "pilot/out/run"
     final = final_command(run, complete=False)
-    assert final[4:7] == ["aggregate-graph", path, repo] and "--incomplete" in final
+    assert final[4:9] == ["aggregate-graph", path, repo, "-j", "1"] and "--incomplete" in final
+    assert run.quanta == 41
     assert "--incomplete" not in final_command(run, complete=True)
 
 
