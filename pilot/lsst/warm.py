@@ -138,15 +138,22 @@ def _wait_readable(stream, timeout: float):
 
 
 _servers: dict[str, WarmServer] = {}
+_start_errors: dict[str, OSError] = {}   # a server that cannot start is not tried again
 _lock = threading.Lock()
 
 
 def server_for(python: str, preload: str | None = None, repo: str | None = None) -> WarmServer:
     """This process's warm server for ``python`` (started on first use, restarted if it died)."""
     with _lock:
+        if python in _start_errors:
+            raise _start_errors[python]
         server = _servers.get(python)
         if server is None or not server.alive:
-            server = _servers[python] = WarmServer(python, preload, repo)
+            try:
+                server = _servers[python] = WarmServer(python, preload, repo)
+            except OSError as err:
+                _start_errors[python] = err
+                raise
         return server
 
 
@@ -169,6 +176,7 @@ def close_servers() -> None:
         for server in _servers.values():
             server.close()
         _servers.clear()
+        _start_errors.clear()
 
 
 # ---- server side ----------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.lsst.make_repo import build, copy_repo
+from tests.lsst.make_repo import build, copy_repo, run_init
 
 DETECTORS = 20   # 2 * 20 + 1 = 41 quanta over the labels a, b, gather
 
@@ -15,7 +15,9 @@ def built_repo(tmp_path_factory):
     """The session's pristine repository and graphs (never written to by tests)."""
     pytest.importorskip("lsst.ctrl.mpexec", reason="the Rubin middleware needs Python >= 3.12 "
                         "(scripts/setup-lsst.sh makes .venv-lsst)")
-    return build(tmp_path_factory.mktemp("lsst") / "pristine", DETECTORS)
+    made = build(tmp_path_factory.mktemp("lsst") / "pristine", DETECTORS)
+    run_init(made.repo, made.graph_qg)    # tests of g.qg start after the init job
+    return made
 
 
 @pytest.fixture
@@ -26,9 +28,9 @@ def test_repo(built_repo, tmp_path):
 
 @pytest.fixture(scope="session")
 def small_built_repo(tmp_path_factory):
-    """A 9-quantum graph (4 detectors) for runs where each quantum is a whole pipetask process."""
+    """A 5-quantum graph (2 detectors) for runs where each quantum is a whole pipetask process."""
     pytest.importorskip("lsst.ctrl.mpexec", reason="the Rubin middleware needs Python >= 3.12")
-    return build(tmp_path_factory.mktemp("lsst") / "small", 4)
+    return build(tmp_path_factory.mktemp("lsst") / "small", 2)
 
 
 @pytest.fixture

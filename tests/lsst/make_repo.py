@@ -101,6 +101,11 @@ def make_graph(repo: Path, out: Path) -> None:
           "--output-run", OUTPUT_RUN, "-p", str(PIPELINE), "--save-qgraph", str(out)], cwd=repo.parent)
 
 
+def run_init(repo: Path, graph: Path) -> None:
+    """The init job (``pipetask pre-exec-init-qbb``): init-outputs, configs, package versions."""
+    _run([str(BIN / "pipetask"), "pre-exec-init-qbb", str(repo), str(graph)], cwd=repo.parent)
+
+
 def build(workdir: Path, detectors: int = 20) -> TestRepo:
     """Make the repository and both graph files under ``workdir`` (replacing earlier ones)."""
     workdir = Path(workdir)
