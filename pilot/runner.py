@@ -216,7 +216,9 @@ class Runner:
 
     def _spawn(self) -> subprocess.Popen:
         _make_dir(os.path.dirname(self.run.log))
-        with open(self.run.log, "wb") as log:
+        # Append: an interrupted attempt gives its number back, and its output must not be lost
+        # when the same attempt number runs again after a restart.
+        with open(self.run.log, "ab") as log:
             return subprocess.Popen(argv_of(self.run.command), stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, env=task_env(self.run),
                                     start_new_session=True, close_fds=True)

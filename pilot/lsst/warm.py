@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -107,9 +108,11 @@ class WarmServer:
         return int(reply["pid"])
 
     def _reply(self, timeout: float) -> dict:
-        ready, _ = _wait_readable(self.proc.stdout, timeout)
-        line = self.proc.stdout.readline() if ready else b""
+        readable, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if readable else b""
         if not line:
+            self.proc.kill()    # a late answer would pair with the next request: start afresh
+            self.proc.wait()
             return {"error": "no answer (the server exited or timed out)"}
         return json.loads(line)
 
@@ -129,12 +132,6 @@ class WarmServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-
-def _wait_readable(stream, timeout: float):
-    import select
-
-    return select.select([stream], [], [], timeout)[:2]
 
 
 _servers: dict[str, WarmServer] = {}
