@@ -323,7 +323,8 @@ def _child(request: dict, keep: tuple[int, ...]) -> None:
 
 def _redirect(log: str) -> None:
     os.makedirs(os.path.dirname(log) or ".", exist_ok=True)
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    # Append, as the runner does: an attempt run again after a restart keeps the earlier output.
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.dup2(fd, 1)

@@ -20,6 +20,7 @@ from pilot.commands import run as run_command  # noqa: E402
 from pilot.lsst.testing_tasks import FAIL_ENV  # noqa: E402
 from tests.helpers import MPIEXEC, ROOT, mpi_env, wait_for  # noqa: E402
 from tests.lsst.checks import check_outputs, read_outputs  # noqa: E402
+from tests.test_transport import cleanup_shm, shm_segments  # noqa: E402
 
 pytestmark = [pytest.mark.lsst, pytest.mark.mpi]
 
@@ -46,8 +47,12 @@ def pilot_argv(made, tmp_path: Path, mode: str) -> list[str]:
 
 
 def run_pilot(made, tmp_path: Path, mode: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(pilot_argv(made, tmp_path, mode), cwd=ROOT, env=mpi_env(**env),
-                          capture_output=True, text=True, timeout=600)
+    before = shm_segments()
+    try:
+        return subprocess.run(pilot_argv(made, tmp_path, mode), cwd=ROOT, env=mpi_env(**env),
+                              capture_output=True, text=True, timeout=600)
+    finally:
+        cleanup_shm(before)
 
 
 def status(tmp_path: Path) -> dict:
@@ -97,17 +102,22 @@ def kill_leftovers(made) -> None:
     wait_for(lambda: not processes_using(str(made.repo)), 30, what="leftover processes to end")
 
 
+def quanta_done(tmp_path: Path) -> int:
+    return sum("Executed 1 quanta successfully" in p.read_text() for p in quantum_logs(tmp_path))
+
+
 def test_kill_minus_9_then_resume_registers_everything_once(test_repo, tmp_path):
+    before = shm_segments()
     proc = subprocess.Popen(pilot_argv(test_repo, tmp_path, "warm"), cwd=ROOT, env=mpi_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        done = lambda: sum("Executed 1 quanta successfully" in p.read_text() for p in quantum_logs(tmp_path))  # noqa: E731
-        wait_for(lambda: done() >= 10 or proc.poll() is not None, 300, what="10 quanta done")
+        wait_for(lambda: quanta_done(tmp_path) >= 10 or proc.poll() is not None, 300, what="10 quanta done")
         assert proc.poll() is None, "the run ended before it could be killed"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         kill_leftovers(test_repo)
+        cleanup_shm(before)
     again = run_pilot(test_repo, tmp_path, "warm")
     assert again.returncode == 0, again.stderr[-3000:]
     check_outputs(test_repo, read_outputs(test_repo.repo), range(test_repo.detectors), gather=True)
