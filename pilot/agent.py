@@ -2,8 +2,9 @@
 
 :class:`Agent` is the non-blocking core (used in-process by a one-rank master too);
 :func:`run_agent` is the loop of an agent rank. While attempts run, the loop waits on their
-pidfds (a finished task wakes it at once) and probes the transport between waits with the
-transport's back-off; when idle it only polls the transport.
+pidfds (a finished task wakes it at once) and on the transport's ``wake_fd`` (a message from the
+master wakes it at once), and probes the transport between waits with the transport's
+back-off; when idle it only polls the transport.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pilot.events import Failure, TaskFinished
 from pilot.nodes import NodeInfo
 from pilot.protocol import ALL_TASKS, Hello, Interrupted, Kill, RunTask, Shutdown
 from pilot.runner import ProcessTable, Runner, WatchConfig
-from pilot.transport import Backoff, Transport
+from pilot.transport import Transport
 
 log = logging.getLogger("pilot.agent")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -152,14 +153,14 @@ class Agent:
             for runner in due:
                 runner.observe(table.rss_mb(runner.pid, runner.pid))
 
-    def wait(self, timeout: float) -> None:
-        """Sleep up to ``timeout`` s, waking as soon as an attempt ends or a check is due."""
-        if not self.runners:
-            time.sleep(max(0.0, timeout))
-            return
-        due = [self._next_sample] + [d for r in self.runners.values() if (d := r.next_deadline)]
-        timeout = max(0.0, min(timeout, min(due) - time.monotonic()))
-        fds = [r.pidfd for r in self.runners.values() if r.pidfd >= 0]
+    def wait(self, timeout: float, wake_fd: int | None = None) -> None:
+        """Sleep up to ``timeout`` s, waking as soon as an attempt ends, a check is due or
+        ``wake_fd`` (the transport's) becomes readable."""
+        fds = [] if wake_fd is None else [wake_fd]
+        if self.runners:
+            due = [self._next_sample] + [d for r in self.runners.values() if (d := r.next_deadline)]
+            timeout = min(timeout, min(due) - time.monotonic())
+            fds += [r.pidfd for r in self.runners.values() if r.pidfd >= 0]
         if timeout > 0:
             select.select(fds, [], [], timeout)
 
@@ -169,7 +170,7 @@ def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchCo
     """The loop of an agent rank: say Hello, then run what the master sends until Shutdown."""
     agent = Agent(lambda message: transport.send(0, message), watch)
     transport.send(0, Hello(transport.rank, info.name, info.memory_mb, info.cores, os.getpid()))
-    backoff = Backoff()
+    backoff = transport.backoff   # shared: a doorbell ring seen by poll makes the loop probe eagerly
     code = 0
     while not agent.stopped:
         item = transport.poll(0.0 if agent.busy else IDLE_POLL_S)
@@ -181,7 +182,7 @@ def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchCo
         if agent.step():
             backoff.activity()
         elif item is None and agent.busy:
-            agent.wait(backoff.next_delay())
+            agent.wait(backoff.next_delay(), transport.wake_fd)
     _finish(agent)
     transport.close()
     return code

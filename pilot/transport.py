@@ -3,7 +3,13 @@
 ``poll`` never spins a core: :class:`MPITransport` probes with ``Iprobe`` and sleeps between
 probes with an adaptive back-off (:class:`Backoff`): after a message it keeps probing
 (yielding the CPU) for a 0.5 ms spin window, then sleeps 50 us, 100 us, ... up to 10 ms. An
-idle rank therefore wakes about 100 times a second and costs well under 1% of a core.
+idle rank therefore wakes about 100 times a second and costs about 1% of a core.
+
+MPI offers no way to sleep until a message comes, so every rank also has a :class:`Doorbell`
+(a UDP socket): a send rings the receiver's doorbell right after the MPI send, and the
+receiver's sleeps are ``select`` calls on it (the agent's also on its tasks' pidfds), so a
+message wakes its receiver at once instead of at the end of a back-off sleep. A lost or
+blocked datagram only costs latency: the back-off still finds the message.
 :class:`LocalTransport` (threads and queues) lets the whole master/agent loop run in one
 process under plain pytest. Messages cross either transport in their wire form
 (:func:`pilot.protocol.to_wire`).
@@ -14,6 +20,8 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import select
+import socket
 import sys
 import threading
 import time
@@ -24,36 +32,80 @@ from pilot.protocol import from_wire, to_wire
 
 log = logging.getLogger("pilot.transport")
 TAG = 17
+RING_SPIN_S = 0.0005   # probe without sleeping this long after a ring (or any message, without doorbells)
 
 
 class Backoff:
-    """Delays between probes: none within ``spin`` seconds of activity, then doubling sleeps."""
+    """Delays between probes: none within a spin window after activity, then doubling sleeps."""
 
     def __init__(self, spin: float = 0.0005, min_sleep: float = 50e-6, max_sleep: float = 0.01):
         self.spin, self.min_sleep, self.max_sleep = spin, min_sleep, max_sleep
-        self._last = time.monotonic()
+        self._spin_until = time.monotonic() + spin
         self._sleep = min_sleep
 
-    def activity(self) -> None:
-        """Something happened: probe eagerly again."""
-        self._last = time.monotonic()
+    def activity(self, spin: float | None = None) -> None:
+        """Something happened: probe eagerly again, spinning ``spin`` s (default: the window)."""
+        self._spin_until = time.monotonic() + (self.spin if spin is None else spin)
         self._sleep = self.min_sleep
 
     def next_delay(self) -> float:
         """Seconds to wait before the next probe (0 means just yield the CPU)."""
-        if time.monotonic() - self._last < self.spin:
+        if time.monotonic() < self._spin_until:
             return 0.0
         delay = self._sleep
         self._sleep = min(self.max_sleep, self._sleep * 2)
         return delay
 
-    def wait(self, limit: float) -> None:
-        """Sleep for the next delay, but no longer than ``limit`` seconds."""
-        delay = min(self.next_delay(), max(0.0, limit))
-        if delay > 0:
-            time.sleep(delay)
-        else:
-            os.sched_yield()
+
+class Doorbell:
+    """A non-blocking UDP socket that other ranks ring (one byte) after sending to this rank."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("0.0.0.0", 0))
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def ring(self, address) -> None:
+        """Wake the rank at ``address`` (None: no doorbell there); never blocks or raises."""
+        if address is not None:
+            try:
+                self.sock.sendto(b"!", address)
+            except OSError:
+                pass
+
+    def drain(self) -> bool:
+        """Empty the socket; True if it had been rung."""
+        rung = False
+        while True:
+            try:
+                self.sock.recv(64)
+            except OSError:
+                return rung
+            rung = True
+
+    def wait(self, timeout: float) -> None:
+        """Sleep up to ``timeout`` seconds, or until rung."""
+        select.select([self.sock], [], [], timeout)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def doorbell_addresses(entries: list[tuple[str, int]]) -> list[tuple[str, int] | None]:
+    """Each rank's ``(host, port)`` as a socket address from this host (None if unresolvable)."""
+    here = socket.gethostname()
+    out: list[tuple[str, int] | None] = []
+    for host, port in entries:
+        try:
+            ip = "127.0.0.1" if host == here else socket.gethostbyname(host)
+        except OSError:
+            ip = None
+        out.append((ip, port) if ip else None)
+    return out
 
 
 class TransportAborted(RuntimeError):
@@ -69,6 +121,8 @@ class Transport(ABC):
 
     rank: int
     size: int
+    backoff: Backoff
+    wake_fd: int | None = None   # readable when a message may have come (select on it)
 
     @abstractmethod
     def send(self, dest: int, message) -> None:
@@ -95,11 +149,19 @@ class MPITransport(Transport):
         self._MPI = MPI
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.backoff = backoff or Backoff()
         self._pending: list = []
+        self.doorbell = Doorbell()
+        self.wake_fd = self.doorbell.fileno()
+        # collective: every rank builds its transport at start-up
+        self._bells = doorbell_addresses(self.comm.allgather((socket.gethostname(), self.doorbell.port)))
+        # With every peer's doorbell known a ring ends the wait, so there is no spinning after a
+        # message and the sleeps (a fallback for lost rings only) may be longer.
+        rung = all(self._bells)
+        self.backoff = backoff or (Backoff(spin=0.0, max_sleep=0.02) if rung else Backoff())
 
     def send(self, dest: int, message) -> None:
         self._pending.append(self.comm.isend(to_wire(message), dest=dest, tag=TAG))
+        self.doorbell.ring(self._bells[dest])
         if len(self._pending) > 64:
             self._pending = [r for r in self._pending if not r.Test()]
 
@@ -107,6 +169,8 @@ class MPITransport(Transport):
         deadline = time.monotonic() + timeout
         status = self._MPI.Status()
         while True:
+            if self.doorbell.drain():
+                self.backoff.activity(RING_SPIN_S)   # the message may be a moment behind its ring
             if self.comm.Iprobe(source=self._MPI.ANY_SOURCE, tag=TAG, status=status):
                 wire = self.comm.recv(source=status.Get_source(), tag=TAG)
                 self.backoff.activity()
@@ -114,7 +178,11 @@ class MPITransport(Transport):
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            self.backoff.wait(left)
+            delay = min(self.backoff.next_delay(), left)
+            if delay > 0:
+                self.doorbell.wait(delay)
+            else:
+                os.sched_yield()
 
     def abort(self, code: int) -> None:
         sys.stderr.flush()
@@ -151,6 +219,7 @@ class LocalTransport(Transport):
 
     def __init__(self, hub: LocalHub, rank: int):
         self.hub, self.rank, self.size = hub, rank, hub.size
+        self.backoff = Backoff()
 
     def send(self, dest: int, message) -> None:
         self._check()

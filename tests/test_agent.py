@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from pilot.agent import Agent
 from pilot.events import Failure, TaskFinished, TaskStarted
@@ -48,3 +49,19 @@ def test_sigterm_just_before_the_drain_is_an_interruption(tmp_path):
     agent.handle(Kill(ALL_TASKS, 0, Failure.INTERRUPTED))        # the drain arrives
     result = _finished(agent, sent)
     assert result.failure == Failure.INTERRUPTED and not agent.busy
+
+
+def test_wait_ends_when_the_transports_wake_fd_becomes_readable(tmp_path):
+    sent = []
+    agent, started = _started_agent(tmp_path, sent)   # a 30 s task: only the wake fd can end the wait
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"!")
+        began = time.monotonic()
+        agent.wait(60.0, read_end)
+        assert time.monotonic() - began < 30.0, "the wait ignored its wake fd"
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        agent.kill(ALL_TASKS, 0, Failure.INTERRUPTED, hard=True)
+        _finished(agent, sent)

@@ -6,6 +6,8 @@ Run one scenario by hand: ``mpiexec -n 3 .venv/bin/python -m tests.test_transpor
 
 from __future__ import annotations
 
+import select
+import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +18,8 @@ import pytest
 
 from pilot.events import Schedule, TaskStarted
 from pilot.protocol import Shutdown
-from pilot.transport import Backoff, LocalHub, MPITransport, TransportAborted, guarded
+from pilot.transport import (Backoff, Doorbell, LocalHub, MPITransport, TransportAborted, doorbell_addresses,
+                             guarded)
 from tests.helpers import MPIEXEC, ROOT, mpi_env
 
 # ---- scenarios: each runs on every rank ----------------------------------------------
@@ -79,6 +82,19 @@ def idle_poll_times_out_without_spinning(t) -> None:
     _collect_done(t, t.size - 1)
 
 
+def send_wakes_a_sleeping_receiver(t) -> None:
+    """MPI only: rank 0 sleeps in select on its doorbell alone; each send must ring it."""
+    if t.rank == 0:
+        for _ in range(t.size - 1):
+            readable, _, _ = select.select([t.wake_fd], [], [], 30.0)
+            assert readable, "a send did not ring the receiver's doorbell"
+            item = t.poll(10.0)
+            assert item is not None and isinstance(item[1], TaskStarted)
+    else:
+        t.send(0, TaskStarted(t.rank, 1, t.rank, 0.0))
+    _collect_done(t, t.size - 1)
+
+
 def _boom() -> None:
     raise RuntimeError("boom on purpose")
 
@@ -91,7 +107,7 @@ def abort_ends_every_rank(t) -> None:
 
 
 SCENARIOS = {f.__name__: f for f in (ping_pong, fan_in_keeps_order, idle_poll_times_out_without_spinning,
-                                      abort_ends_every_rank)}
+                                      abort_ends_every_rank, send_wakes_a_sleeping_receiver)}
 
 # ---- the two ways of running a scenario -------------------------------------------------
 
@@ -192,6 +208,9 @@ class TestMPITransport(TransportContract):
         assert proc.returncode != 0
         assert "RuntimeError: boom on purpose" in proc.stderr
 
+    def test_send_wakes_a_receiver_sleeping_on_its_doorbell(self):
+        self.expect_ok("send_wakes_a_sleeping_receiver")
+
 
 def test_backoff_spins_then_sleeps_up_to_the_cap():
     b = Backoff(spin=0.0, min_sleep=0.001, max_sleep=0.004)
@@ -199,6 +218,36 @@ def test_backoff_spins_then_sleeps_up_to_the_cap():
     b = Backoff(spin=60.0)
     b.activity()
     assert b.next_delay() == 0.0
+
+
+def test_backoff_activity_restarts_the_doubling_and_may_spin_for_a_given_window():
+    b = Backoff(spin=0.0, min_sleep=0.001, max_sleep=0.004)
+    assert [b.next_delay() for _ in range(3)] == [0.001, 0.002, 0.004]
+    b.activity()
+    assert b.next_delay() == 0.001
+    b.activity(spin=60.0)
+    assert b.next_delay() == 0.0
+
+
+def test_doorbell_rings_once_per_drain():
+    bell = Doorbell()
+    try:
+        assert not bell.drain()
+        for _ in range(3):
+            bell.ring(("127.0.0.1", bell.port))
+        readable, _, _ = select.select([bell], [], [], 10.0)
+        assert readable
+        assert bell.drain()
+        assert not bell.drain()
+        bell.ring(None)   # a rank without a doorbell: nothing happens
+        assert not bell.drain()
+    finally:
+        bell.close()
+
+
+def test_doorbell_addresses_use_loopback_here_and_none_when_unresolvable():
+    here = socket.gethostname()
+    assert doorbell_addresses([(here, 4000), ("no-such-host.invalid", 4001)]) == [("127.0.0.1", 4000), None]
 
 
 if __name__ == "__main__":

@@ -32,9 +32,11 @@ import ctypes
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 
@@ -45,6 +47,7 @@ FORK_SAFE_ENV = {
     "MKL_NUM_THREADS": "1",
 }
 PR_SET_CHILD_SUBREAPER = 36
+CACHE_ENV = "DAF_BUTLER_CACHE_DIRECTORY_IF_UNSET"
 READY_TIMEOUT_S = 120.0
 TOOL_PREFIX = ("-m", "pilot.lsst.tool", "pipetask")
 
@@ -299,7 +302,7 @@ def _middle(request: dict, write_end: int, keep: tuple[int, ...]) -> None:
 
 def _child(request: dict, keep: tuple[int, ...]) -> None:
     """The quantum's process: own session, log as stdout/stderr, the task's env, run pipetask."""
-    code = 1
+    code, cache = 1, None
     try:
         os.setsid()
         _redirect(request["log"])
@@ -309,6 +312,7 @@ def _child(request: dict, keep: tuple[int, ...]) -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.environ.clear()
         os.environ.update(request["env"])
+        cache = _own_cache_directory()
         os.chdir(request.get("cwd") or "/")
         code = _run_pipetask(request["argv"])
     except BaseException:  # the child must never return into the server's loop
@@ -318,7 +322,23 @@ def _child(request: dict, keep: tuple[int, ...]) -> None:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+        if cache:
+            shutil.rmtree(cache, ignore_errors=True)
         os._exit(code)
+
+
+def _own_cache_directory() -> str | None:
+    """A datastore cache directory for this child, removed by it when it ends.
+
+    ``os._exit`` skips the atexit hook with which a ``pipetask`` process removes its temporary
+    butler cache directory, so the child names the directory itself (the variable the
+    middleware uses for that) unless the environment already chose one.
+    """
+    if os.environ.get(CACHE_ENV):
+        return None
+    path = os.path.join(tempfile.gettempdir(), f"butler-cache-dir-{os.getpid()}-warm")
+    os.environ[CACHE_ENV] = path
+    return path
 
 
 def _redirect(log: str) -> None:

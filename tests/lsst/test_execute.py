@@ -3,11 +3,13 @@ repository after the final job (values checked)."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -46,9 +48,14 @@ def warm_run(server, graph, task, logdir, env=None) -> tuple[int, str]:
     return os.waitstatus_to_exitcode(status), log
 
 
+def warm_cache_dirs() -> set:
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "butler-cache-dir-*")))
+
+
 def test_warm_mode_runs_every_quantum(test_repo, tmp_path):
     graph = load_qgraph(test_repo.graph_qg, test_repo.repo, mode="warm")   # init job done
     server = WarmServer(graph.commands[1][0], str(test_repo.graph_qg), str(test_repo.repo))
+    caches_before = warm_cache_dirs()
     try:
         for t in quantum_tasks(graph):
             code, log = warm_run(server, graph, t, tmp_path)
@@ -57,6 +64,7 @@ def test_warm_mode_runs_every_quantum(test_repo, tmp_path):
             assert f"forked from warm server {server.proc.pid}" in text
     finally:
         server.close()
+    assert warm_cache_dirs() <= caches_before       # each child removed its butler cache directory
     assert finish_run(graph, 0, tmp_path) == 0
     check_outputs(test_repo, read_outputs(test_repo.repo), range(test_repo.detectors), gather=True)
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -94,12 +96,15 @@ def processes_using(text: str) -> list[int]:
 
 def kill_leftovers(made) -> None:
     """Quanta and warm servers of a killed run (they use the repository path): end them."""
-    for pid in processes_using(str(made.repo)):
+    pids = processes_using(str(made.repo))
+    for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     wait_for(lambda: not processes_using(str(made.repo)), 30, what="leftover processes to end")
+    for pid in pids:   # a warm child killed with SIGKILL cannot remove its butler cache directory
+        shutil.rmtree(os.path.join(tempfile.gettempdir(), f"butler-cache-dir-{pid}-warm"), ignore_errors=True)
 
 
 def quanta_done(tmp_path: Path) -> int:
