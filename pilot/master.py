@@ -232,6 +232,9 @@ class RunConfig:
     deadline: float | None = None       # epoch seconds (``--walltime`` or the Slurm job end)
     progress_interval: float = 30.0
     watch: WatchConfig = WatchConfig()
+    butler: str | None = None           # QuantumGraph runs: the repository
+    bps_config: str | None = None       # QuantumGraph runs: BPS YAML with the requests
+    lsst_mode: str = "warm"             # QuantumGraph runs: warm or subprocess
 
 
 def wall_margin(deadline: float, start: float) -> float:
@@ -259,14 +262,21 @@ def master_main(transport: Transport, config: RunConfig, info, signals: Signals 
     finally:
         _shutdown_all(transport, code)
         checkpoint.close()
-    return code
+    from pilot.lsst.qgraph import finish_run
+
+    return finish_run(graph, code, config.logdir)
 
 
 def _prepare(transport: Transport, config: RunConfig, info):
     from pilot.graph import check_fits
     from pilot.workflow import load_workflow_file
 
-    graph = load_workflow_file(config.workflow)
+    from pilot.lsst.qgraph import is_quantum_graph, load_for_run
+
+    if is_quantum_graph(config.workflow):
+        graph = load_for_run(config.workflow, config.butler, config.bps_config, config.lsst_mode)
+    else:
+        graph = load_workflow_file(config.workflow)
     if transport.size == 1:
         nodes, node_ranks = [Node(info.name, info.memory_mb, info.cores)], [[0]]
     else:

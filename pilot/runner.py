@@ -216,6 +216,10 @@ class Runner:
 
     def _spawn(self) -> subprocess.Popen:
         _make_dir(os.path.dirname(self.run.log))
+        if (self.run.env or {}).get("PILOT_LSST_MODE") == "warm":
+            from pilot.lsst.warm import spawn
+
+            return spawn(self.run.command, self.run.log, task_env(self.run))
         # Append: an interrupted attempt gives its number back, and its output must not be lost
         # when the same attempt number runs again after a restart.
         with open(self.run.log, "ab") as log:

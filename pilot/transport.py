@@ -157,7 +157,7 @@ class MPITransport(Transport):
         # With every peer's doorbell known a ring ends the wait, so there is no spinning after a
         # message and the sleeps (a fallback for lost rings only) may be longer.
         rung = all(self._bells)
-        self.backoff = backoff or (Backoff(spin=0.0, max_sleep=0.02) if rung else Backoff())
+        self.backoff = backoff or (Backoff(spin=0.0, min_sleep=0.001, max_sleep=0.02) if rung else Backoff())
 
     def send(self, dest: int, message) -> None:
         self._pending.append(self.comm.isend(to_wire(message), dest=dest, tag=TAG))
@@ -169,12 +169,13 @@ class MPITransport(Transport):
         deadline = time.monotonic() + timeout
         status = self._MPI.Status()
         while True:
-            if self.doorbell.drain():
-                self.backoff.activity(RING_SPIN_S)   # the message may be a moment behind its ring
+            rung = self.doorbell.drain()
             if self.comm.Iprobe(source=self._MPI.ANY_SOURCE, tag=TAG, status=status):
                 wire = self.comm.recv(source=status.Get_source(), tag=TAG)
                 self.backoff.activity()
                 return status.Get_source(), from_wire(wire)
+            if rung:
+                self.backoff.activity(RING_SPIN_S)   # the message may be a moment behind its ring
             left = deadline - time.monotonic()
             if left <= 0:
                 return None

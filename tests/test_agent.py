@@ -53,7 +53,9 @@ def test_sigterm_just_before_the_drain_is_an_interruption(tmp_path):
 
 def test_wait_ends_when_the_transports_wake_fd_becomes_readable(tmp_path):
     sent = []
-    agent, started = _started_agent(tmp_path, sent)   # a 30 s task: only the wake fd can end the wait
+    agent = Agent(sent.append, WatchConfig(sample_interval=3600.0))
+    agent.handle(_run(tmp_path))   # a 30 s task, no sample due soon: only the wake fd can end the wait
+    agent.step()
     read_end, write_end = os.pipe()
     try:
         os.write(write_end, b"!")

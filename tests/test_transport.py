@@ -83,16 +83,20 @@ def idle_poll_times_out_without_spinning(t) -> None:
 
 
 def send_wakes_a_sleeping_receiver(t) -> None:
-    """MPI only: rank 0 sleeps in select on its doorbell alone; each send must ring it."""
+    """MPI only: rank 0 sleeps in select on its doorbell alone; a send must ring it."""
     if t.rank == 0:
-        for _ in range(t.size - 1):
+        for r in range(1, t.size):
+            t.send(r, Schedule(0.0))   # one sender at a time: one ring to wait for
             readable, _, _ = select.select([t.wake_fd], [], [], 30.0)
-            assert readable, "a send did not ring the receiver's doorbell"
+            assert readable, f"rank {r}'s send did not ring the receiver's doorbell"
             item = t.poll(10.0)
-            assert item is not None and isinstance(item[1], TaskStarted)
+            assert item == (r, TaskStarted(r, 1, r, 0.0)), item
+        for r in range(1, t.size):
+            t.send(r, Shutdown(0))
     else:
+        assert t.poll(30.0) == (0, Schedule(0.0))
         t.send(0, TaskStarted(t.rank, 1, t.rank, 0.0))
-    _collect_done(t, t.size - 1)
+        assert t.poll(30.0) == (0, Shutdown(0))
 
 
 def _boom() -> None:

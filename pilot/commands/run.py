@@ -13,7 +13,11 @@ HELP = "run a workflow under mpiexec/srun (rank 0 schedules, other ranks run tas
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("file", help="workflow file (YAML)")
+    parser.add_argument("file", help="workflow file (YAML) or saved QuantumGraph (.qg, .qgraph)")
+    parser.add_argument("--butler", metavar="REPO", help="Butler repository of a QuantumGraph")
+    parser.add_argument("--bps-config", metavar="BPS_YAML", help="requests of a QuantumGraph's labels (BPS YAML)")
+    parser.add_argument("--lsst-mode", choices=("warm", "subprocess"), default="warm",
+                        help="how quanta run: forked from a warm server (default) or one pipetask each")
     parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint file (HDF5)")
     parser.add_argument("--node-memory", type=int, metavar="MB", help="memory of each node for tasks")
     parser.add_argument("--node-cores", type=int, metavar="C", help="cores of each node for tasks")
@@ -56,7 +60,8 @@ def run(args) -> int:
         workflow=args.file, checkpoint=args.checkpoint,
         logdir=args.log_dir or f"{args.checkpoint}.logs", max_failures=args.max_failures,
         retry_failed=args.retry_failed, deadline=run_deadline(args.walltime),
-        progress_interval=args.progress_interval, watch=watch)
+        progress_interval=args.progress_interval, watch=watch,
+        butler=args.butler, bps_config=args.bps_config, lsst_mode=args.lsst_mode)
     return guarded(transport, master_main, transport, config, info, signals, expected=(UserError,))
 
 
@@ -69,6 +74,12 @@ def _check(args) -> None:
         raise UserError(f"--memory-tolerance must be at least 1.0, got {args.memory_tolerance}")
     if not os.path.exists(args.file):
         raise UserError(f"{args.file}: no such workflow file")
+    from pilot.lsst.qgraph import is_quantum_graph
+
+    if args.butler and not is_quantum_graph(args.file):
+        raise UserError(f"--butler applies to QuantumGraphs (.qg, .qgraph), not to {args.file}")
+    if args.bps_config and not is_quantum_graph(args.file):
+        raise UserError(f"--bps-config applies to QuantumGraphs (.qg, .qgraph); put requests in {args.file}")
 
 
 def _configure_logging(rank: int) -> None:
