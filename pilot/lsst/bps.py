@@ -29,6 +29,7 @@ SPEC_FILE = "pilot_submit.json"
 STATE_FILE = "pilot_state.json"
 CHECKPOINT = "pilot.h5"
 FINAL_LABEL = "finalJob"
+REPORTED = ("operator", "project", "campaign", "payloadName")
 MIDDLEWARE_TOOLS = ("pipetask", "butler")
 
 _PLACEHOLDER = re.compile(r"<(FILE|ENV):([^>]+)>|\{(\w+)\}")
@@ -163,6 +164,7 @@ class PilotWorkflow(BaseWmsWorkflow):
         out.mkdir(parents=True, exist_ok=True)
         (out / WORKFLOW_FILE).write_text(json.dumps(self.tasks, indent=1))
         spec = {"name": self.name, "run": self.run_argv, "final": self.final,
+                **{key: self.config.search(key, opt={"default": ""})[1] for key in REPORTED},
                 "final_log": str(out / f"{CHECKPOINT}.logs" / "final.log")}
         (out / SPEC_FILE).write_text(json.dumps(spec, indent=1))
 
@@ -190,7 +192,7 @@ class PilotService(BaseWmsService):
             return None, None, f"{submit_dir} is not a pilot submit directory"
         if driver_alive(read_state(submit_dir)):
             return None, None, f"run {submit_dir} is still running"
-        start_driver(submit_dir)
+        start_driver(submit_dir, "--retry-failed")
         name = json.loads((submit_dir / SPEC_FILE).read_text())["name"]
         return str(submit_dir), name, ""
 
@@ -258,22 +260,22 @@ def driver_alive(state: dict) -> bool:
         return False
 
 
-def start_driver(submit_dir: Path) -> int:
-    """Start ``python -m pilot.lsst.bps drive SUBMIT_DIR`` in its own session; its pid."""
+def start_driver(submit_dir: Path, *run_options: str) -> int:
+    """Start ``python -m pilot.lsst.bps drive SUBMIT_DIR [RUN_OPTIONS]`` in its own session; its pid."""
     write_state(submit_dir, {"state": "starting"})
     with open(submit_dir / "pilot_driver.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pilot.lsst.bps", "drive", str(submit_dir)],
+        proc = subprocess.Popen([sys.executable, "-m", "pilot.lsst.bps", "drive", str(submit_dir), *run_options],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=submit_dir)
     return proc.pid
 
 
-def drive(submit_dir: Path) -> int:
+def drive(submit_dir: Path, run_options: list[str]) -> int:
     """Run the pilot run, then the final job whatever happened; record both exit codes."""
     spec = json.loads((submit_dir / SPEC_FILE).read_text())
     write_state(submit_dir, {"state": "running", "pid": os.getpid()})
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    run = subprocess.Popen(spec["run"], cwd=submit_dir, env=env)
+    run = subprocess.Popen([*spec["run"], *run_options], cwd=submit_dir, env=env)
     cancelled = []
 
     def forward(signum, frame):
@@ -347,7 +349,9 @@ def run_report(submit_dir: Path) -> WmsRunReport:
             totals[s] += n
     spec = json.loads((submit_dir / SPEC_FILE).read_text())
     return WmsRunReport(wms_id=str(submit_dir), path=str(submit_dir), label=spec["name"],
-                        run=spec["name"], state=run_state(state),
+                        run=spec["name"], state=run_state(state), operator=spec.get("operator"),
+                        project=spec.get("project"), campaign=spec.get("campaign"),
+                        payload=spec.get("payloadName"),
                         run_summary=";".join(f"{label}:{sum(row.values())}" for label, row in summary.items()),
                         total_number_jobs=sum(totals.values()), job_state_counts=totals,
                         job_summary=summary, jobs=[], exit_code_summary={})
@@ -355,10 +359,10 @@ def run_report(submit_dir: Path) -> WmsRunReport:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 2 or argv[0] != "drive":
-        print("usage: python -m pilot.lsst.bps drive SUBMIT_DIR", file=sys.stderr)
+    if len(argv) < 2 or argv[0] != "drive":
+        print("usage: python -m pilot.lsst.bps drive SUBMIT_DIR [PILOT_RUN_OPTIONS...]", file=sys.stderr)
         return 2
-    return drive(Path(argv[1]).resolve())
+    return drive(Path(argv[1]).resolve(), argv[2:])
 
 
 if __name__ == "__main__":
