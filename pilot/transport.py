@@ -58,7 +58,10 @@ class Backoff:
 
 
 class Doorbell:
-    """A non-blocking UDP socket that other ranks ring (one byte) after sending to this rank."""
+    """A non-blocking UDP socket that other ranks ring (one byte) after sending to this rank.
+
+    A ring carries no data: a stray or duplicate datagram only makes the rank probe once more.
+    """
 
     def __init__(self):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -156,8 +159,8 @@ class MPITransport(Transport):
         self._bells = doorbell_addresses(self.comm.allgather((socket.gethostname(), self.doorbell.port)))
         # With every peer's doorbell known a ring ends the wait, so there is no spinning after a
         # message and the sleeps (a fallback for lost rings only) may be longer.
-        rung = all(self._bells)
-        self.backoff = backoff or (Backoff(spin=0.0, min_sleep=0.001, max_sleep=0.02) if rung else Backoff())
+        every_bell = all(self._bells)
+        self.backoff = backoff or (Backoff(spin=0.0, min_sleep=0.001, max_sleep=0.02) if every_bell else Backoff())
 
     def send(self, dest: int, message) -> None:
         self._pending.append(self.comm.isend(to_wire(message), dest=dest, tag=TAG))
