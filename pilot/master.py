@@ -14,14 +14,13 @@ Stopping: a stop signal (on rank 0, or reported by an agent) or the wall-time ma
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from pilot.agent import STOP_SIGNALS, Agent, Signals
+from pilot.agent import Agent, Signals
 from pilot.errors import EXIT_INTERRUPTED, EXIT_USAGE
 from pilot.events import Drain, Failure, Node, Schedule, State, TaskFinished, TaskStarted
 from pilot.graph import Graph
@@ -164,10 +163,6 @@ class Master:
             log.warning("master ignores %r from rank %d", message, source)
 
     def _finished(self, message: TaskFinished) -> None:
-        if self.drained_at is not None and _stopped_by_signal(message):
-            # Slurm's scancel signals every process: a task that died of it while we drain was
-            # not at fault, so its attempt does not count.
-            message = dataclasses.replace(message, failure=Failure.INTERRUPTED)
         rank = self.rank_of.pop((message.task, message.attempt), None)
         if rank is not None:
             self.load[rank] -= 1
@@ -211,10 +206,6 @@ class Master:
         else:
             self.transport.send(rank, message)
 
-
-
-def _stopped_by_signal(message: TaskFinished) -> bool:
-    return message.failure == Failure.SIGNAL and message.signal in STOP_SIGNALS
 
 
 # ---- rank 0's whole run -------------------------------------------------------------
