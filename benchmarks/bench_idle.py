@@ -20,17 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_dispatch import mpi_env  # noqa: E402  (one launcher environment for every benchmark)
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def mpi_env() -> dict:
-    env = dict(os.environ)
-    env.update(HYDRA_LAUNCHER="fork", MPIR_CVAR_CH4_PROGRESS_THROTTLE="1",
-               MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT="1",
-               PATH=f"{VENV_BIN}:{env.get('PATH', '')}")
-    return env
 
 
 def cpu_seconds(pid: int) -> float:
@@ -102,7 +97,7 @@ def main() -> None:
         cmd = [str(VENV_BIN / "mpiexec"), "-launcher", "fork", "-n", "3", sys.executable, "-m", "pilot.cli",
                "run", str(wf), "--checkpoint", f"{tmp}/ckpt.h5", "--node-per-rank", "--node-memory", "1000",
                "--progress-interval", "3600"]
-        before = shm_segments()
+        shm_before = shm_segments()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=mpi_env(), stderr=subprocess.DEVNULL)
         try:
             ranks = wait_for(lambda: r if len(r := rank_pids(proc.pid)) == 3 else None, 30)
@@ -121,7 +116,7 @@ def main() -> None:
                 proc.kill()
                 code = proc.wait()
             if code != 3:
-                cleanup_shm(before)
+                cleanup_shm(shm_before)
     roles = {0: "master (rank 0)", 1: "agent with a running task (rank 1)", 2: "idle agent (rank 2)"}
     print(f"window {wall:.1f} s; run stopped by SIGTERM, exit code {code}")
     for rank in sorted(used):
