@@ -174,11 +174,15 @@ def test_failures_are_classified_while_others_go_on(tmp_path, caplog):
 def test_oom_is_retried_with_a_scaled_request(tmp_path, caplog):
     wf, record = workflow("oom_retry", tmp_path)
     assert run_local(tmp_path, wf, emulated(1)) == 0
-    records = read_records(record)
+    assert_oom_retried(read_records(record), caplog.text)
+
+
+def assert_oom_retried(records: list[Record], log_text: str) -> None:
+    """oom_retry.yaml: ``big`` ran out of memory once, then ran with its request scaled to 300 MB."""
     assert_exactly_once(records, ["big", "small1", "small2", "after_big"])
     big = next(r for r in records if r.task == "big")
     assert (big.attempt, big.memory_mb) == (2, 300)
-    assert "task big attempt 1 failed: OOM" in caplog.text
+    assert "task big attempt 1 failed: OOM" in log_text
 
 
 def test_bad_fit_refused_before_launching(tmp_path):

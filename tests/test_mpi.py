@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import MPIEXEC, ROOT, mpi_env, wait_for
-from tests.test_master import (PACKING_EDGES, PACKING_IDS, assert_exactly_once, assert_order,
+from tests.test_master import (PACKING_EDGES, PACKING_IDS, assert_exactly_once, assert_oom_retried, assert_order,
                                peak_memory_by_node, read_records, workflow)
 from tests.test_runner import pid_gone
 from tests.test_transport import cleanup_shm, shm_segments
@@ -65,11 +65,7 @@ def test_oom_retried_with_scaled_request(tmp_path):
     wf, record = workflow("oom_retry", tmp_path)
     proc = run_pilot(2, wf, tmp_path, *NODE)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = read_records(record)
-    assert_exactly_once(records, ["big", "small1", "small2", "after_big"])
-    big = next(r for r in records if r.task == "big")
-    assert (big.attempt, big.memory_mb) == (2, 300)
-    assert "task big attempt 1 failed: OOM" in proc.stderr
+    assert_oom_retried(read_records(record), proc.stderr)
 
 
 def test_bad_fit_exits_2_with_one_line(tmp_path):
