@@ -5,6 +5,11 @@
 pidfds (a finished task wakes it at once) and on the transport's ``wake_fd`` (a message from the
 master wakes it at once), and probes the transport between waits with the transport's
 back-off; when idle it only polls the transport.
+
+Messages to the master are few: a ``TaskStarted`` waits up to ``STARTED_DELAY_S`` to travel
+with the next result (a short task's start and end then cost the master one wake-up and the
+wire one message), and each loop iteration's messages leave as one batch. Order is kept: the
+held starts always go out before any other message.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import select
 import signal
 import time
 
-from pilot.events import Failure, TaskFinished
+from pilot.events import Failure, TaskFinished, TaskStarted
 from pilot.nodes import NodeInfo
 from pilot.protocol import ALL_TASKS, Hello, Interrupted, Kill, RunTask, Shutdown
 from pilot.runner import ProcessTable, Runner, WatchConfig
@@ -26,6 +31,7 @@ log = logging.getLogger("pilot.agent")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 STOP_HOLD_S = 1.0    # how long a result killed by SIGTERM/SIGINT/SIGUSR1 waits for our own signal
 IDLE_POLL_S = 0.25   # how often an idle loop looks at signals (the transport sleeps in between)
+STARTED_DELAY_S = 0.05   # a start is reported at the latest this long after it happened
 
 
 class Signals:
@@ -54,12 +60,14 @@ class Agent:
         self.stopped = False
         self.stop_seen = False      # a stop signal reached this rank, or the master drains
         self.held: list[tuple[float, TaskFinished]] = []
+        self.starts: list[TaskStarted] = []   # reported with the next message, or when due
+        self._starts_due = 0.0
         self._next_sample = 0.0
 
     @property
     def busy(self) -> bool:
-        """Attempts running, or results held back for a moment."""
-        return bool(self.runners or self.held)
+        """Attempts running, or results or starts held back for a moment."""
+        return bool(self.runners or self.held or self.starts)
 
     def handle(self, message) -> None:
         """Act on a message from the master."""
@@ -79,10 +87,23 @@ class Agent:
         runner = Runner(run, self.watch)
         result = runner.start()
         if isinstance(result, TaskFinished):
-            self.send(result)
+            self.emit(result)
             return
         self.runners[(run.task, run.attempt)] = runner
-        self.send(result)
+        if not self.starts:
+            self._starts_due = time.monotonic() + STARTED_DELAY_S
+        self.starts.append(result)
+
+    def emit(self, message) -> None:
+        """Send ``message`` after the starts held back so far (the master sees a start first)."""
+        self._send_starts()
+        self.send(message)
+
+    def _send_starts(self) -> None:
+        if self.starts:
+            starts, self.starts = self.starts, []
+            for started in starts:
+                self.send(started)
 
     def kill(self, task: int, attempt: int, failure: Failure, hard: bool = False) -> None:
         """Kill one attempt, or every running attempt when ``task == ALL_TASKS``."""
@@ -99,6 +120,8 @@ class Agent:
         for runner in self.runners.values():
             runner.check_time(now)
         ended = self._release_held(now)
+        if self.starts and now >= self._starts_due:
+            self._send_starts()
         for key in self._exited():
             result = self.runners[key].poll()
             if result is not None:
@@ -119,7 +142,7 @@ class Agent:
             else:
                 self.held.append((now + STOP_HOLD_S, result))
                 return
-        self.send(result)
+        self.emit(result)
 
     def _release_held(self, now: float) -> bool:
         if not self.held:
@@ -127,9 +150,9 @@ class Agent:
         keep = []
         for deadline, result in self.held:
             if self.stop_seen:
-                self.send(dataclasses.replace(result, failure=Failure.INTERRUPTED))
+                self.emit(dataclasses.replace(result, failure=Failure.INTERRUPTED))
             elif now >= deadline:
-                self.send(result)
+                self.emit(result)
             else:
                 keep.append((deadline, result))
         released = len(keep) < len(self.held)
@@ -157,8 +180,10 @@ class Agent:
         """Sleep up to ``timeout`` s, waking as soon as an attempt ends, a check is due or
         ``wake_fd`` (the transport's) becomes readable."""
         fds = [] if wake_fd is None else [wake_fd]
-        if self.runners:
+        if self.runners or self.starts:
             due = [self._next_sample] + [d for r in self.runners.values() if (d := r.next_deadline)]
+            if self.starts:
+                due.append(self._starts_due)
             timeout = min(timeout, min(due) - time.monotonic())
             fds += [r.pidfd for r in self.runners.values() if r.pidfd >= 0]
         if timeout > 0:
@@ -174,14 +199,18 @@ def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchCo
     code = 0
     while not agent.stopped:
         item = transport.poll(0.0 if agent.busy else IDLE_POLL_S)
-        if item is not None:
+        got = item is not None
+        while item is not None:   # a whole batch from the master before looking at the tasks
             agent.handle(item[1])
             code = item[1].code if isinstance(item[1], Shutdown) else code
+            item = None if agent.stopped else transport.poll(0.0)
+        if got:
             backoff.activity()
         _forward_signal(agent, transport, signals)
         if agent.step():
             backoff.activity()
-        elif item is None and agent.busy:
+        elif not got and agent.busy:
+            transport.flush()
             agent.wait(backoff.next_delay(), transport.wake_fd)
     _finish(agent)
     transport.close()
@@ -193,7 +222,7 @@ def _forward_signal(agent: Agent, transport: Transport, signals: Signals | None)
         log.warning("rank %d caught signal %d: interrupting its tasks", transport.rank, signals.signum)
         agent.stop_seen = True
         agent.kill(ALL_TASKS, 0, Failure.INTERRUPTED)
-        transport.send(0, Interrupted(transport.rank, signals.signum))
+        agent.emit(Interrupted(transport.rank, signals.signum))
         signals.signum = 0
 
 

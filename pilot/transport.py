@@ -1,15 +1,24 @@
 """How ranks talk: a small interface, an MPI implementation and an in-process fake.
 
+Sends are batched: ``send`` queues a message for its destination and ``flush`` sends each
+destination's queue as one transport message (``poll`` and ``close`` flush first, so a rank
+that waits through ``poll`` never holds back what it has sent). A loop iteration that produces
+several messages for one rank (the master's launches, an agent's results) thus costs one MPI
+message and one wake-up instead of one each; the receiver's ``poll`` hands the messages of a
+batch out one by one, in order.
+
 ``poll`` never spins a core: :class:`MPITransport` probes with ``Iprobe`` and sleeps between
 probes with an adaptive back-off (:class:`Backoff`): after a message it keeps probing
 (yielding the CPU) for a 0.5 ms spin window, then sleeps 50 us, 100 us, ... up to 10 ms. An
 idle rank therefore wakes about 100 times a second and costs about 1% of a core.
 
 MPI offers no way to sleep until a message comes, so every rank also has a :class:`Doorbell`
-(a UDP socket): a send rings the receiver's doorbell right after the MPI send, and the
+(a UDP socket): a flush rings the receiver's doorbell right after the MPI send, and the
 receiver's sleeps are ``select`` calls on it (the agent's also on its tasks' pidfds), so a
-message wakes its receiver at once instead of at the end of a back-off sleep. A lost or
-blocked datagram only costs latency: the back-off still finds the message.
+message wakes its receiver at once instead of at the end of a back-off sleep. A ring whose
+message is not visible yet starts short sleeps (50 us, doubling) rather than a spin: on a
+node whose cores all run tasks, a spinning rank takes CPU from them. A lost or blocked
+datagram only costs latency: the back-off still finds the message.
 :class:`LocalTransport` (threads and queues) lets the whole master/agent loop run in one
 process under plain pytest. Messages cross either transport in their wire form
 (:func:`pilot.protocol.to_wire`).
@@ -17,6 +26,7 @@ process under plain pytest. Messages cross either transport in their wire form
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -32,7 +42,7 @@ from pilot.protocol import from_wire, to_wire
 
 log = logging.getLogger("pilot.transport")
 TAG = 17
-RING_SPIN_S = 0.0005   # probe without sleeping this long after a ring (or any message, without doorbells)
+RING_SLEEP_S = 50e-6   # first sleep after a ring whose message is not visible yet (then doubling)
 
 
 class Backoff:
@@ -47,6 +57,11 @@ class Backoff:
         """Something happened: probe eagerly again, spinning ``spin`` s (default: the window)."""
         self._spin_until = time.monotonic() + (self.spin if spin is None else spin)
         self._sleep = self.min_sleep
+
+    def rung(self, first_sleep: float = RING_SLEEP_S) -> None:
+        """A message is on its way: probe again after a short sleep (doubling from ``first_sleep``)."""
+        self._spin_until = 0.0
+        self._sleep = first_sleep
 
     def next_delay(self) -> float:
         """Seconds to wait before the next probe (0 means just yield the CPU)."""
@@ -120,27 +135,55 @@ class TransportAborted(RuntimeError):
 
 
 class Transport(ABC):
-    """Point-to-point messages between ranks."""
+    """Point-to-point messages between ranks, batched per destination until ``flush``."""
 
     rank: int
     size: int
     backoff: Backoff
     wake_fd: int | None = None   # readable when a message may have come (select on it)
 
-    @abstractmethod
+    def __init__(self):
+        self._outbox: dict[int, list] = {}
+        self._inbox: collections.deque = collections.deque()
+
     def send(self, dest: int, message) -> None:
-        """Send ``message`` to rank ``dest`` without waiting for it to be received."""
+        """Queue ``message`` for rank ``dest``; it leaves at the next ``flush``, ``poll`` or ``close``."""
+        self._outbox.setdefault(dest, []).append(to_wire(message))
+
+    def flush(self) -> None:
+        """Send every queued message (one batch per destination), without waiting for delivery."""
+        if self._outbox:
+            outbox, self._outbox = self._outbox, {}
+            for dest, batch in outbox.items():
+                self._send_batch(dest, batch)
+
+    def poll(self, timeout: float):
+        """The next ``(source, message)``, waiting at most ``timeout`` seconds; None if none came.
+        Flushes first."""
+        self.flush()
+        if not self._inbox and not self._receive(timeout):
+            return None
+        return self._inbox.popleft()
+
+    def _deliver(self, source: int, batch) -> None:
+        """Unpack a received batch into the inbox."""
+        self._inbox.extend((source, from_wire(wire)) for wire in batch)
 
     @abstractmethod
-    def poll(self, timeout: float):
-        """The next ``(source, message)``, waiting at most ``timeout`` seconds; None if none came."""
+    def _send_batch(self, dest: int, batch: list) -> None:
+        """Send a list of wire messages to ``dest`` as one transport message."""
+
+    @abstractmethod
+    def _receive(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for one batch and deliver it; False if none came."""
 
     @abstractmethod
     def abort(self, code: int) -> None:
         """End every rank of the run with ``code``."""
 
     def close(self) -> None:
-        """Finish sends still in flight (before the process exits)."""
+        """Flush, and finish sends still in flight (before the process exits)."""
+        self.flush()
 
 
 class MPITransport(Transport):
@@ -149,6 +192,7 @@ class MPITransport(Transport):
     def __init__(self, comm=None, backoff: Backoff | None = None):
         from mpi4py import MPI
 
+        super().__init__()
         self._MPI = MPI
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
@@ -162,26 +206,27 @@ class MPITransport(Transport):
         every_bell = all(self._bells)
         self.backoff = backoff or (Backoff(spin=0.0, min_sleep=0.001, max_sleep=0.02) if every_bell else Backoff())
 
-    def send(self, dest: int, message) -> None:
-        self._pending.append(self.comm.isend(to_wire(message), dest=dest, tag=TAG))
+    def _send_batch(self, dest: int, batch: list) -> None:
+        self._pending.append(self.comm.isend(batch, dest=dest, tag=TAG))
         self.doorbell.ring(self._bells[dest])
         if len(self._pending) > 64:
             self._pending = [r for r in self._pending if not r.Test()]
 
-    def poll(self, timeout: float):
+    def _receive(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         status = self._MPI.Status()
         while True:
             rung = self.doorbell.drain()
             if self.comm.Iprobe(source=self._MPI.ANY_SOURCE, tag=TAG, status=status):
-                wire = self.comm.recv(source=status.Get_source(), tag=TAG)
+                source = status.Get_source()
+                self._deliver(source, self.comm.recv(source=source, tag=TAG))
                 self.backoff.activity()
-                return status.Get_source(), from_wire(wire)
+                return True
             if rung:
-                self.backoff.activity(RING_SPIN_S)   # the message may be a moment behind its ring
+                self.backoff.rung()   # the message may be a moment behind its ring
             left = deadline - time.monotonic()
             if left <= 0:
-                return None
+                return False
             delay = min(self.backoff.next_delay(), left)
             if delay > 0:
                 self.doorbell.wait(delay)
@@ -193,6 +238,7 @@ class MPITransport(Transport):
         self.comm.Abort(code)
 
     def close(self) -> None:
+        self.flush()
         if self._pending:
             self._MPI.Request.waitall(self._pending)
         self._pending = []
@@ -222,22 +268,26 @@ class LocalTransport(Transport):
     """In-process transport: one queue per rank, for threads standing in for ranks."""
 
     def __init__(self, hub: LocalHub, rank: int):
+        super().__init__()
         self.hub, self.rank, self.size = hub, rank, hub.size
         self.backoff = Backoff()
 
     def send(self, dest: int, message) -> None:
         self._check()
-        self.hub.queues[dest].put((self.rank, to_wire(message)))
+        super().send(dest, message)
 
-    def poll(self, timeout: float):
+    def _send_batch(self, dest: int, batch: list) -> None:
+        self.hub.queues[dest].put((self.rank, batch))
+
+    def _receive(self, timeout: float) -> bool:
         self._check()
         try:
             item = self.hub.queues[self.rank].get(timeout=max(0.0, timeout))
         except queue.Empty:
-            return None
+            return False
         self._check()
-        source, wire = item
-        return source, from_wire(wire)
+        self._deliver(*item)
+        return True
 
     def abort(self, code: int) -> None:
         self.hub.abort(code)

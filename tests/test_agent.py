@@ -1,4 +1,5 @@
-"""The agent's handling of tasks that die of the job's own stop signal (scancel signals every process)."""
+"""The agent's reports: starts held back briefly, and tasks that die of the job's own stop signal
+(scancel signals every process)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 import signal
 import time
 
-from pilot.agent import Agent
+from pilot.agent import STARTED_DELAY_S, Agent
 from pilot.events import Failure, TaskFinished, TaskStarted
 from pilot.protocol import ALL_TASKS, Kill, RunTask
 from pilot.runner import WatchConfig
@@ -21,7 +22,8 @@ def _run(tmp_path, task=1) -> RunTask:
 def _started_agent(tmp_path, sent):
     agent = Agent(sent.append, WatchConfig())
     agent.handle(_run(tmp_path))
-    started = wait_for(lambda: next((m for m in sent if isinstance(m, TaskStarted)), None), 10, what="start")
+    started = wait_for(lambda: agent.step() or next((m for m in sent if isinstance(m, TaskStarted)), None),
+                       10, 0.01, what="start")
     return agent, started
 
 
@@ -65,5 +67,28 @@ def test_wait_ends_when_the_transports_wake_fd_becomes_readable(tmp_path):
     finally:
         os.close(read_end)
         os.close(write_end)
+        agent.kill(ALL_TASKS, 0, Failure.INTERRUPTED, hard=True)
+        _finished(agent, sent)
+
+
+def test_a_short_tasks_start_travels_with_its_result_and_before_it(tmp_path):
+    sent = []
+    agent = Agent(sent.append, WatchConfig())
+    run = RunTask(1, 1, 0, "t1", "lbl", "n0", ["true"], None, str(tmp_path / "t1.log"), 0.0, 100, 1)
+    agent.handle(run)
+    assert sent == []   # the start waits for company
+    _finished(agent, sent)
+    assert [type(m) for m in sent] == [TaskStarted, TaskFinished]
+    assert sent[0].task == sent[1].task == 1
+
+
+def test_a_long_tasks_start_is_reported_once_its_delay_has_passed(tmp_path):
+    sent = []
+    handed = time.monotonic()
+    agent, started = _started_agent(tmp_path, sent)
+    try:
+        assert time.monotonic() - handed >= STARTED_DELAY_S
+        assert sent == [started] and agent.busy
+    finally:
         agent.kill(ALL_TASKS, 0, Failure.INTERRUPTED, hard=True)
         _finished(agent, sent)

@@ -87,6 +87,7 @@ def send_wakes_a_sleeping_receiver(t) -> None:
     if t.rank == 0:
         for r in range(1, t.size):
             t.send(r, Schedule(0.0))   # one sender at a time: one ring to wait for
+            t.flush()
             readable, _, _ = select.select([t.wake_fd], [], [], 30.0)
             assert readable, f"rank {r}'s send did not ring the receiver's doorbell"
             item = t.poll(10.0)
@@ -123,7 +124,9 @@ def run_local(name: str, size: int):
 
     def body(rank):
         try:
-            SCENARIOS[name](hub.endpoint(rank))
+            endpoint = hub.endpoint(rank)
+            SCENARIOS[name](endpoint)
+            endpoint.close()
         except BaseException as err:   # noqa: BLE001 - reported to the test
             errors[rank] = err
 
