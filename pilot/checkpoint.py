@@ -12,6 +12,7 @@ final snapshot and releases the lock. See docs/checkpoint.md.
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -22,8 +23,8 @@ from pilot.checkpoint_schema import (FINISHED, LOST, RESET, RESTART, STARTED, TR
                                      Static, TaskTable, history_mask, read_snapshot, write_snapshot)
 from pilot.errors import UserError
 from pilot.events import NodeLost, State, TaskFinished, TaskStarted
-from pilot.journal import (ROW, JournalWriter, Rows, encode_block, fsync_dir, journal_generations,
-                           journal_path, read_journal)
+from pilot.journal import (ROW, JournalWriter, Rows, encode_block, encode_logs, fsync_dir,
+                           journal_generations, journal_path, read_journal)
 from pilot.lock import CheckpointLock, acquire
 
 WINDOW_S = 0.25                  # journal group commit: rows reach the disk within this (+ one fsync)
@@ -100,46 +101,53 @@ def _close_all(fds) -> None:
 # ---- rows from engine events --------------------------------------------------------
 
 
-def event_rows(event, transitions, engine=None) -> tuple[list, list]:
-    """(row tuples, log paths) for one engine event: one row per task whose state changed."""
+def event_rows(event, transitions, engine=None) -> tuple[bytes, list]:
+    """(rows packed as :data:`ROW` records, log paths) for one engine event: one row per
+    task whose state changed. Packing each row as it comes costs far less than building a
+    structured array from tuples later."""
     kind = type(event)
     own = event.task if kind is TaskStarted or kind is TaskFinished else -1
     when = event.end if kind is TaskFinished else event.time
     other = LOST if kind is NodeLost else TRANSITION
-    rows, logs = [], []
+    parts, logs = [], []
     for task, _old, new in transitions:
-        task = int(task)
         if task == own:
-            rows.append(_attempt_row(event, int(new), when, engine))
+            parts.append(_attempt_row(event, new, when, engine))
             logs.append(event.log if kind is TaskFinished else "")
-        else:
-            rows.append(_state_row(task, int(new), when, engine, other))
+        elif engine is None:
+            parts.append(_PACK(task, other, new, 0, 0, UNCHANGED, -1, 0, UNCHANGED, UNCHANGED, when,
+                               _NAN, _NAN, 0.0, 0.0))
             logs.append("")
-    return rows, logs
+        else:
+            parts.append(_PACK(task, other, new, 0, 0, engine.attempts.item(task), -1, 0,
+                               engine.node_of.item(task), engine.memory_request.item(task), when,
+                               _NAN, _NAN, 0.0, 0.0))
+            logs.append("")
+    return b"".join(parts), logs
+
+
+_PACK = struct.Struct("<iBbbBiiiiqdddff").pack   # the layout of ROW
+_NAN = float("nan")
+assert struct.calcsize("<iBbbBiiiiqdddff") == ROW.itemsize
 
 
 def _known(engine, task: int) -> tuple[int, int, int]:
     if engine is None:
         return UNCHANGED, UNCHANGED, UNCHANGED
-    return int(engine.attempts[task]), int(engine.memory_request[task]), int(engine.node_of[task])
+    return (engine.attempts.item(task), engine.memory_request.item(task),
+            engine.node_of.item(task))
 
 
-def _state_row(task: int, new: int, when: float, engine, kind: int) -> tuple:
-    attempts, memory, node = _known(engine, task)
-    return (task, kind, new, 0, 0, attempts, -1, 0, node, memory, when,
-            np.nan, np.nan, 0.0, 0.0)
-
-
-def _attempt_row(event, new: int, when: float, engine) -> tuple:
+def _attempt_row(event, new: int, when: float, engine) -> bytes:
     attempts, memory, node = _known(engine, event.task)
     if engine is None:
         attempts, node = event.attempt, event.node
     if type(event) is TaskStarted:
-        return (event.task, STARTED, new, 0, 0, attempts, -1, 0, node, memory, when,
-                event.time, np.nan, 0.0, 0.0)
-    code = -1 if event.exit_code is None else int(event.exit_code)
-    return (event.task, FINISHED, new, int(event.failure), 0, attempts, code, int(event.signal or 0),
-            node, memory, when, event.start, event.end, event.peak_rss_mb, event.cpu_s)
+        return _PACK(event.task, STARTED, new, 0, 0, attempts, -1, 0, node, memory, when,
+                     event.time, _NAN, 0.0, 0.0)
+    code = -1 if event.exit_code is None else event.exit_code
+    return _PACK(event.task, FINISHED, new, event.failure, 0, attempts, code, event.signal or 0,
+                 node, memory, when, event.start, event.end, event.peak_rss_mb, event.cpu_s)
 
 
 def restart_rows(table: TaskTable, memory_mb: np.ndarray, retry_failed: bool, now: float):
@@ -186,7 +194,7 @@ class Checkpoint:
         self._since_bytes = sum(len(r.rows) for r in unsnapshotted) * ROW.itemsize
         self._compact_min, self._compact_ratio = compact_min_bytes, compact_ratio
         self._compact_at = max(compact_min_bytes, compact_ratio * os.path.getsize(path))
-        self._pending, self._pending_logs = [], []
+        self._pending, self._pending_logs = [], []   # packed rows per event, a log per row
         self._plock, self._iolock = threading.Lock(), threading.Lock()
         self._wake, self._stopping, self._closed = threading.Event(), False, False
         self._error: BaseException | None = None
@@ -205,9 +213,9 @@ class Checkpoint:
             return
         rows, logs = event_rows(event, transitions, self._engine)
         with self._plock:
-            self._pending.extend(rows)
-            self._pending_logs.extend(logs)
-            big = len(self._pending) >= 65536
+            self._pending.append(rows)
+            self._pending_logs += logs
+            big = len(self._pending_logs) >= 65536
         if big:
             self._wake.set()
 
@@ -279,14 +287,15 @@ class Checkpoint:
             self._pending, self._pending_logs = [], []
         if not rows:
             return
-        array = np.array(rows, dtype=ROW)
-        block = encode_block(array, logs)
+        array = np.frombuffer(b"".join(rows), dtype=ROW)
+        lengths, blob = encode_logs(logs)
+        block = encode_block(array, lengths=lengths, blob=blob)
         self.hook("journal-write")
         self._journal.write(block)
         self.hook("journal-sync")
         self._journal.sync()
         self.hook("journal-synced")
-        self._unsnapshotted.append(Rows.with_logs(array, logs))
+        self._unsnapshotted.append(Rows.from_encoded(array, lengths, blob))
         self._since_bytes += len(block)
 
     def _rotate(self) -> tuple[list, list]:
@@ -325,7 +334,7 @@ class MemoryCheckpoint:
             raise RuntimeError("record() after close()")
         rows, logs = event_rows(event, transitions, self._engine)
         if rows:
-            part = Rows.with_logs(np.array(rows, dtype=ROW), logs)
+            part = Rows.with_logs(np.frombuffer(rows, dtype=ROW).copy(), logs)
             self.table.apply(part)
             self.rows.append(part)
 

@@ -1,10 +1,13 @@
 """The pure state machine: task states, readiness, retries, memory scaling, failure
 propagation. No MPI, no HDF5.
 
-:meth:`Engine.handle` is the only way state changes during a run: it takes an event
-(:mod:`pilot.events`), applies it, asks the policy for placements and returns the
-``Launch`` actions; every listener's ``record(event, transitions)`` is called after.
-States, attempts, memory requests and nodes are numpy arrays (read-only to others).
+:meth:`Engine.handle` (one event) and :meth:`Engine.handle_many` (several, then one
+dispatch) are the only way state changes during a run: they apply events
+(:mod:`pilot.events`), ask the policy for placements and return the ``Launch`` actions;
+every listener's ``record(event, transitions)`` is called after each event. States,
+attempts, memory requests and nodes are numpy arrays (read-only to others); hot paths
+read them with ``.item()`` and keep small counters in Python lists, since numpy's
+per-element cost dominates work done once per event.
 See docs/scheduling.md.
 """
 
@@ -14,13 +17,15 @@ import numpy as np
 
 from pilot.engine_cluster import Cluster
 from pilot.engine_retry import next_attempt
-from pilot.engine_states import ALLOWED, IllegalTransition, TransitionLog
+from pilot.engine_states import ALLOWED_TABLE, IllegalTransition, TransitionLog
 from pilot.events import (Drain, Failure, Launch, NodeLost, Schedule, State, TaskFinished,
                           TaskStarted)
 from pilot.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 
 P, R, L, U, D, F, X = (int(s) for s in State)
 _ACTIVE = (L, U)
+_STATE = tuple(State)   # State by number, without the enum call's cost
+_NONE = int(Failure.NONE)
 
 
 class Engine:
@@ -29,7 +34,7 @@ class Engine:
     def __init__(self, graph, nodes, policy=None, *, max_failures=None, runtime_estimates=None):
         from pilot.policy import DefaultPolicy
 
-        n = graph.size
+        n = self._n = graph.size
         self.graph, self.nodes = graph, list(nodes)
         self.state = np.full(n, P, dtype=np.int8)
         self.attempts = np.zeros(n, dtype=np.int32)
@@ -73,15 +78,16 @@ class Engine:
                     self._est_prior[g.labels.index(name)] = float(seconds)
         elif runtime_estimates is not None:
             self._est_prior[:] = np.asarray(runtime_estimates, dtype=np.float64)
+        self._est_prior_l = self._est_prior.tolist()
         self._refresh_estimates()
 
     def _refresh_estimates(self) -> None:
-        total, count = np.array(self._est_sum), np.array(self._est_count)
-        learned = np.divide(total, count, out=np.full(len(total), np.nan), where=count > 0)
-        est = np.where(np.isnan(learned), self._est_prior, learned)
-        known = est[~np.isnan(est)]
-        self._fill_needed = known.size < est.size
-        self.cluster.label_estimate[:] = np.where(np.isnan(est), known.mean() if known.size else 1.0, est)
+        est = [total / count if count else prior
+               for total, count, prior in zip(self._est_sum, self._est_count, self._est_prior_l)]
+        known = [e for e in est if e == e]   # not NaN
+        self._fill_needed = len(known) < len(est)
+        fill = numpy_mean(known) if known else 1.0
+        self.cluster.label_estimate[:] = [e if e == e else fill for e in est]
 
     def label_estimates(self) -> dict[str, float]:
         """Current per-label runtime estimate in seconds (learned, else given, else a fill)."""
@@ -131,7 +137,7 @@ class Engine:
         self._trans = []
         self._promote(np.flatnonzero((waiting == 0) & (self.state == P)), 0.0)
         made, self._trans = self._trans, []
-        return [(t, State(a), State(b)) for t, a, b in made]
+        return made
 
     def set_deadline(self, deadline: float, margin_s: float = 0.0) -> None:
         """Launch nothing whose expected end (now + label estimate) passes deadline - margin."""
@@ -140,26 +146,61 @@ class Engine:
     # ---- the one entry point ------------------------------------------------------
 
     def handle(self, event) -> list[Launch]:
-        """Apply ``event``; return the launches the policy chose; notify listeners."""
+        """Apply ``event``; return the launches the policy chose; notify listeners.
+        The same as ``handle_many([event])``."""
+        return self._close(event, self._apply(event))
+
+    def handle_many(self, events) -> list[Launch]:
+        """Apply ``events`` (a sequence) in order, then ask the policy once; return its launches.
+
+        Listeners get one ``record(event, transitions)`` per event, right after that event
+        is applied (so they read the engine as it was then); the launches' transitions go
+        with the last event's call, as ``handle`` does for one event. The policy is asked
+        when some event is a Schedule, TaskFinished or NodeLost (never once a Drain came),
+        at the time of the last event.
+        """
+        if not events:
+            return []
+        wants = False
+        for event in events[:-1]:
+            wants = self._apply(event) or wants
+            if self.listeners:
+                self._notify(event)
+        last = events[-1]
+        return self._close(last, self._apply(last) or wants)
+
+    def _close(self, event, dispatch: bool) -> list[Launch]:
+        """Dispatch if asked, then notify listeners of ``event`` (the last one applied)."""
+        launches = self._dispatch(event_time(event)) if dispatch else []
+        if self.listeners:
+            self._notify(event)
+        return launches
+
+    def _apply(self, event) -> bool:
+        """Apply one event (its transitions in ``_trans``); True if it calls for a dispatch."""
         self._events += 1
         self._trans = []
         kind = type(event)
         if kind is TaskFinished:
             self._finished(event)
-        elif kind is TaskStarted:
+            return True
+        if kind is TaskStarted:
             self._started(event)
-        elif kind is NodeLost:
+            return False
+        if kind is NodeLost:
             self._node_lost(event)
-        elif kind is Drain:
+            return True
+        if kind is Drain:
             self._drained = True
-        elif kind is not Schedule:
-            raise TypeError(f"not an engine event: {event!r}")
-        launches = [] if kind is Drain or kind is TaskStarted else self._dispatch(event_time(event))
-        if self.listeners:
-            made = [(t, State(a), State(b)) for t, a, b in self._trans]
-            for listener in self.listeners:
-                listener.record(event, made)
-        return launches
+            return False
+        if kind is Schedule:
+            return True
+        raise TypeError(f"not an engine event: {event!r}")
+
+    def _notify(self, event) -> None:
+        made = self._trans
+        for listener in self.listeners:
+            listener.record(event, made)
 
     # ---- events -------------------------------------------------------------------
 
@@ -167,8 +208,8 @@ class Engine:
         """False for a message about an earlier attempt or another node (ignored). A
         current message about a task in the wrong state reaches ``_move`` and raises."""
         t = event.task
-        return (0 <= t < len(self.state) and event.attempt == self.attempts[t]
-                and event.node == self.node_of[t] >= 0)
+        return (0 <= t < self._n and event.attempt == self.attempts.item(t)
+                and event.node == self.node_of.item(t) >= 0)
 
     def _started(self, event: TaskStarted) -> None:
         if not self._current(event):
@@ -181,10 +222,9 @@ class Engine:
         if not self._current(event):
             return
         t = event.task
-        if self.cluster.is_active(t):
-            self.cluster.release(t)
+        if self.cluster.release(t) >= 0:
             self.policy.released(t, event.node)
-        if event.failure == Failure.NONE:
+        if event.failure == _NONE:
             self._succeeded(t, event)
             return
         verdict, memory = next_attempt(self, t, event)
@@ -198,14 +238,17 @@ class Engine:
             self.memory_request[t] = memory
         self._move(t, R, event.end)
         self.node_of[t] = -1
-        self.policy.add(np.array([t]), self.memory_request)
+        self.policy.add((t,), self.memory_request)
 
     def _succeeded(self, t: int, event: TaskFinished) -> None:
         self._move(t, D, event.end)
         label = self._labels[t]
         self._est_sum[label] += max(event.end - event.start, 0.0)
         self._est_count[label] += 1
-        self._refresh_label(label)
+        if self._fill_needed:
+            self._refresh_estimates()  # unknown labels take the mean of the known ones
+        else:
+            self.cluster.label_estimate[label] = self._est_sum[label] / self._est_count[label]
         a, b = self._child_ptr[t], self._child_ptr[t + 1]
         if b > a:
             waiting, free = self._waiting, []
@@ -214,13 +257,7 @@ class Engine:
                 if not waiting[k]:
                     free.append(k)
             if free:
-                self._promote(np.array(free, dtype=np.int64), event.end)
-
-    def _refresh_label(self, label: int) -> None:
-        if self._fill_needed:
-            self._refresh_estimates()  # unknown labels take the mean of the known ones
-        else:
-            self.cluster.label_estimate[label] = self._est_sum[label] / self._est_count[label]
+                self._promote(free, event.end)
 
     def _fail(self, t: int, now: float) -> None:
         """``t`` failed for good: it and, level by level over the CSR, every descendant
@@ -238,11 +275,11 @@ class Engine:
             self._count[X] += kids.size
             self._log.extend(kids, P, X, now)
             if self.listeners:
-                self._trans.extend((int(k), P, X) for k in kids)
+                self._trans.extend((k, _STATE[P], _STATE[X]) for k in kids.tolist())
             frontier = kids
 
     def _node_lost(self, event: NodeLost) -> None:
-        if not (0 <= event.node < self.cluster.size) or not self.cluster.alive[event.node]:
+        if not (0 <= event.node < self.cluster.size) or not self.cluster.up[event.node]:
             return
         for t in self.cluster.lose(event.node):
             t = int(t)
@@ -250,7 +287,7 @@ class Engine:
             self.attempts[t] -= 1  # a lost attempt does not count
             self._move(t, R, event.time)
             self.node_of[t] = -1
-            self.policy.add(np.array([t]), self.memory_request)
+            self.policy.add((t,), self.memory_request)
 
     # ---- launching ----------------------------------------------------------------
 
@@ -269,25 +306,26 @@ class Engine:
 
     def _launch(self, t: int, node: int, now: float) -> Launch:
         c = self.cluster
-        memory, cpus = int(self.memory_request[t]), self._cpus[t]
-        if memory > c.free_memory[node] or cpus > c.free_cores[node] or not c.alive[node]:
+        memory, cpus = self.memory_request.item(t), self._cpus[t]
+        if memory > c.fm[node] or cpus > c.fc[node] or not c.up[node]:
             raise RuntimeError(f"policy over-committed node {node} with task {t}")
         self._move(t, L, now)
-        attempt = int(self.attempts[t]) + 1
+        attempt = self.attempts.item(t) + 1
         self.attempts[t] = attempt
         self.node_of[t] = node
         self.start_time[t] = now
         c.place(t, node, memory, cpus, self._labels[t], now)
-        return Launch(task=t, attempt=attempt, node=node, memory_mb=memory, cpus=cpus)
+        return Launch(t, attempt, node, memory, cpus)   # positional: half the cost of keywords
 
     def _promote(self, tasks: np.ndarray, now: float) -> None:
         """PENDING -> READY for ``tasks`` (all parents done) and hand them to the policy."""
         if len(tasks) == 1:
             t = int(tasks[0])
-            if self.state[t] == P:
+            if self.state.item(t) == P:
                 self._move(t, R, now)
-                self.policy.add(tasks, self.memory_request)
+                self.policy.add((t,), self.memory_request)
             return
+        tasks = np.asarray(tasks, dtype=np.int64)
         tasks = tasks[self.state[tasks] == P]
         if not tasks.size:
             return
@@ -296,18 +334,18 @@ class Engine:
         self._count[R] += tasks.size
         self._log.extend(tasks, P, R, now)
         if self.listeners:
-            self._trans.extend((int(t), P, R) for t in tasks)
+            self._trans.extend((t, _STATE[P], _STATE[R]) for t in tasks.tolist())
         self.policy.add(tasks, self.memory_request)
 
     def _move(self, t: int, new: int, now: float) -> None:
-        old = int(self.state[t])
-        if (old, new) not in ALLOWED:
+        old = self.state.item(t)
+        if not ALLOWED_TABLE[old][new]:
             raise IllegalTransition(t, self.graph.ids[t], old, new, self._log.history(t))
         self.state[t] = new
         self._count[old] -= 1
         self._count[new] += 1
         self._log.append(t, old, new, now)
-        self._trans.append((t, old, new))
+        self._trans.append((t, _STATE[old], _STATE[new]))
 
     # ---- outcome ------------------------------------------------------------------
 
@@ -341,6 +379,28 @@ class Engine:
         from pilot.engine_check import validate_engine
 
         validate_engine(self)
+
+
+def numpy_mean(values: list) -> float:
+    """``float(np.mean(values))`` to the last bit, without numpy for short lists: numpy
+    sums float64 pairwise, sequentially below 8 values and with 8 accumulators up to 128."""
+    n = len(values)
+    if n > 128:
+        return float(np.mean(np.array(values, dtype=np.float64)))
+    if n < 8:
+        total = 0.0
+        for v in values:
+            total += v
+        return total / n
+    acc, i, end = list(values[:8]), 8, n - n % 8
+    while i < end:
+        for j in range(8):
+            acc[j] += values[i + j]
+        i += 8
+    total = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+    for v in values[end:]:
+        total += v
+    return total / n
 
 
 def event_time(event) -> float:

@@ -3,6 +3,9 @@ tasks running on each node with their expected ends, per-label counts and estima
 
 The engine owns and updates a :class:`Cluster`; policies only read it. Active tasks
 live in compact columns (swap-remove), so "what frees when" is one vectorised pass.
+Per-node free resources and per-label running counts, touched on every event, are Python
+lists (``fm``, ``fc``, ``up``, ``running``); the numpy properties are copies for
+vectorised readers.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ class Cluster:
         self.names = [n.name for n in nodes]
         self.memory = np.array([n.memory_mb for n in nodes], dtype=np.int64)
         self.cores = np.array([n.cores for n in nodes], dtype=np.int64)
-        self.free_memory = self.memory.copy()
-        self.free_cores = self.cores.copy()
-        self.alive = np.ones(len(nodes), dtype=bool)
+        # per-node and per-label counters are Python lists: the engine and the policies
+        # touch them once or twice per event, where numpy's per-element cost dominates
+        self.fm = self.memory.tolist()          # free memory (MB) per node
+        self.fc = self.cores.tolist()           # free cores per node
+        self.up = [True] * len(nodes)           # alive per node
+        self.running = [0] * n_labels           # launched or running tasks per label
         self.lost = 0   # how many nodes were lost
-        self.label_running = np.zeros(n_labels, dtype=np.int64)
         self.label_limit = np.full(n_labels, NO_LIMIT, dtype=np.int64)
         self.label_estimate = np.ones(n_labels, dtype=np.float64)  # seconds, never NaN
         self.latest_end = math.inf   # launch nothing expected to end after this
@@ -38,6 +43,26 @@ class Cluster:
         self.act_task = np.empty(64, dtype=np.int64)
         self.act_node = np.empty(64, dtype=np.int64)
         self.act_start = np.empty(64, dtype=np.float64)
+
+    @property
+    def free_memory(self) -> np.ndarray:
+        """Free memory (MB) per node (a copy)."""
+        return np.array(self.fm, dtype=np.int64)
+
+    @property
+    def free_cores(self) -> np.ndarray:
+        """Free cores per node (a copy)."""
+        return np.array(self.fc, dtype=np.int64)
+
+    @property
+    def alive(self) -> np.ndarray:
+        """True per node not lost (a copy)."""
+        return np.array(self.up, dtype=bool)
+
+    @property
+    def label_running(self) -> np.ndarray:
+        """Launched or running tasks per label (a copy)."""
+        return np.array(self.running, dtype=np.int64)
 
     @property
     def size(self) -> int:
@@ -55,35 +80,40 @@ class Cluster:
         i = self.n_active
         if i == len(self.act_task):
             self._grow()
-        self.act_task[i], self.act_node[i], self.act_start[i] = task, node, start
+        self.act_task[i] = task
+        self.act_node[i] = node
+        self.act_start[i] = start
         self._pos[task] = i
         self.n_active = i + 1
-        self.free_memory[node] -= memory
-        self.free_cores[node] -= cpus
-        self.label_running[label] += 1
+        self.fm[node] -= memory
+        self.fc[node] -= cpus
+        self.running[label] += 1
 
     def set_start(self, task: int, start: float) -> None:
-        self.act_start[self._pos[task]] = start
+        self.act_start[self._pos.item(task)] = start
 
     def release(self, task: int) -> int:
-        """Give back ``task``'s resources; returns its node."""
-        i = int(self._pos[task])
-        node = int(self.act_node[i])
-        self.free_memory[node] += self.task_memory[task]
-        self.free_cores[node] += self.task_cpus[task]
-        self.label_running[self.task_label[task]] -= 1
+        """Give back ``task``'s resources; returns its node (-1 if it was not placed)."""
+        i = self._pos.item(task)
+        if i < 0:
+            return -1
+        node = self.act_node.item(i)
+        self.fm[node] += self.task_memory.item(task)
+        self.fc[node] += self.task_cpus.item(task)
+        self.running[self.task_label.item(task)] -= 1
         last = self.n_active - 1
         if i != last:
-            moved = int(self.act_task[last])
-            self.act_task[i], self.act_node[i] = moved, self.act_node[last]
-            self.act_start[i] = self.act_start[last]
+            moved = self.act_task.item(last)
+            self.act_task[i] = moved
+            self.act_node[i] = self.act_node.item(last)
+            self.act_start[i] = self.act_start.item(last)
             self._pos[moved] = i
         self._pos[task] = -1
         self.n_active = last
         return node
 
     def is_active(self, task: int) -> bool:
-        return self._pos[task] >= 0
+        return self._pos.item(task) >= 0
 
     def active_tasks(self, node: int | None = None) -> np.ndarray:
         """Task numbers placed (launched or running), on ``node`` if given."""
@@ -103,10 +133,10 @@ class Cluster:
         tasks = self.active_tasks(node)
         for t in tasks:
             self.release(int(t))
-        self.alive[node] = False
+        self.up[node] = False
         self.lost += 1
-        self.free_memory[node] = 0
-        self.free_cores[node] = 0
+        self.fm[node] = 0
+        self.fc[node] = 0
         return tasks
 
     def used_by_active(self) -> tuple[np.ndarray, np.ndarray]:
@@ -123,7 +153,8 @@ class Cluster:
         big = self.alive & (self.memory >= memory) & (self.cores >= cpus)
         if not big.any():
             return -1, math.inf
-        now_ok = big & (self.free_memory >= memory) & (self.free_cores >= cpus)
+        free_m, free_c = self.free_memory, self.free_cores
+        now_ok = big & (free_m >= memory) & (free_c >= cpus)
         if now_ok.any():
             return int(np.argmax(now_ok)), now
         n = self.n_active
@@ -133,8 +164,8 @@ class Cluster:
         tasks_s = self.act_task[:n][order]
         freed_m = _grouped_cumsum(self.task_memory[tasks_s], node_s)
         freed_c = _grouped_cumsum(self.task_cpus[tasks_s].astype(np.int64), node_s)
-        ok = ((self.free_memory[node_s] + freed_m >= memory)
-              & (self.free_cores[node_s] + freed_c >= cpus) & big[node_s])
+        ok = ((free_m[node_s] + freed_m >= memory)
+              & (free_c[node_s] + freed_c >= cpus) & big[node_s])
         if not ok.any():
             return int(np.argmax(big)), math.inf
         best = np.flatnonzero(ok)[np.argmin(ends_s[ok])]

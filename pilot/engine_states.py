@@ -32,6 +32,8 @@ TRANSITIONS = {
     (X, P): "reset_failed (--retry-failed)",
 }
 ALLOWED = frozenset((int(a), int(b)) for a, b in TRANSITIONS)
+#: ALLOWED_TABLE[old][new] is True when (old, new) is allowed (indexed by state number).
+ALLOWED_TABLE = tuple(tuple((a, b) in ALLOWED for b in range(len(State))) for a in range(len(State)))
 
 
 class IllegalTransition(RuntimeError):
@@ -48,12 +50,12 @@ class IllegalTransition(RuntimeError):
 
 
 class TransitionLog:
-    """Append-only columns (task, old, new, time) in compact typed arrays."""
+    """Append-only columns (task, old and new state in one byte, time) in compact typed
+    arrays: three appends per transition on the engine's hot path."""
 
     def __init__(self):
         self._task = array("i")
-        self._old = array("b")
-        self._new = array("b")
+        self._step = array("B")   # old * 16 + new
         self._time = array("d")
 
     @property
@@ -62,16 +64,15 @@ class TransitionLog:
 
     def append(self, task: int, old: int, new: int, time: float) -> None:
         self._task.append(task)
-        self._old.append(old)
-        self._new.append(new)
+        self._step.append(old * 16 + new)
         self._time.append(time)
 
     def extend(self, tasks: np.ndarray, old, new, time: float) -> None:
         """Log many transitions at once; ``old`` and ``new`` are scalars or arrays."""
         k = len(tasks)
+        step = np.asarray(old, dtype=np.uint8) * 16 + np.asarray(new, dtype=np.uint8)
         self._task.frombytes(np.asarray(tasks, dtype=np.int32).tobytes())
-        self._old.frombytes(np.broadcast_to(np.asarray(old, dtype=np.int8), (k,)).tobytes())
-        self._new.frombytes(np.broadcast_to(np.asarray(new, dtype=np.int8), (k,)).tobytes())
+        self._step.frombytes(np.broadcast_to(step.astype(np.uint8), (k,)).tobytes())
         self._time.frombytes(np.full(k, time, dtype=np.float64).tobytes())
 
     def history(self, task: int) -> list[tuple[float, int, int]]:
@@ -82,5 +83,6 @@ class TransitionLog:
 
     def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Copies of (task, old, new, time) for every logged transition."""
-        return (np.array(self._task, dtype=np.int32), np.array(self._old, dtype=np.int8),
-                np.array(self._new, dtype=np.int8), np.array(self._time, dtype=np.float64))
+        step = np.array(self._step, dtype=np.uint8)
+        return (np.array(self._task, dtype=np.int32), (step >> 4).astype(np.int8),
+                (step & 15).astype(np.int8), np.array(self._time, dtype=np.float64))

@@ -31,12 +31,21 @@ ROW = np.dtype([
 assert ROW.itemsize == 64
 
 
-def encode_block(rows: np.ndarray, logs: list[str]) -> bytes:
-    """One block holding ``rows`` (a ROW array) and one log path per row ("" for none)."""
+def encode_logs(logs: list[str]) -> tuple[np.ndarray, bytes]:
+    """(uint32 byte length of each log path, the paths' UTF-8 joined)."""
+    if not any(logs):
+        return np.zeros(len(logs), "<u4"), b""
     encoded = [s.encode("utf-8", "surrogateescape") for s in logs]
-    lengths = np.fromiter((len(b) for b in encoded), dtype="<u4", count=len(encoded))
-    payload = rows.astype(ROW, copy=False).tobytes() + lengths.tobytes() + b"".join(encoded)
-    head = struct.pack("<4sII", MAGIC, len(rows), int(lengths.sum()))
+    return np.fromiter(map(len, encoded), dtype="<u4", count=len(encoded)), b"".join(encoded)
+
+
+def encode_block(rows: np.ndarray, logs: list[str] | None = None, *, lengths=None, blob=b"") -> bytes:
+    """One block holding ``rows`` (a ROW array) and one log path per row ("" for none),
+    given as ``logs`` or already encoded (``lengths``, ``blob``) by :func:`encode_logs`."""
+    if lengths is None:
+        lengths, blob = encode_logs(logs)
+    payload = rows.astype(ROW, copy=False).tobytes() + lengths.tobytes() + blob
+    head = struct.pack("<4sII", MAGIC, len(rows), len(blob))
     return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
 
 
@@ -54,9 +63,12 @@ class Rows:
     @staticmethod
     def with_logs(rows: np.ndarray, logs: list[str]) -> "Rows":
         """Rows in memory with one log path per row."""
-        encoded = [s.encode("utf-8", "surrogateescape") for s in logs]
-        lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
-        return Rows(rows, _ptr(lengths), b"".join(encoded))
+        return Rows.from_encoded(rows, *encode_logs(logs))
+
+    @staticmethod
+    def from_encoded(rows: np.ndarray, lengths: np.ndarray, blob: bytes) -> "Rows":
+        """Rows in memory with their log paths as :func:`encode_logs` gives them."""
+        return Rows(rows, _ptr(lengths), blob)
 
     @staticmethod
     def concat(parts: list["Rows"]) -> "Rows":

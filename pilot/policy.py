@@ -56,11 +56,16 @@ class _Classes:
                 heapq.heappush(heap, r)
         self.size += len(ranks)
 
-    def heads(self) -> list:
-        """[(rank, class)] of every non-empty class, as a heap."""
+    def heads(self) -> tuple[list, int, int]:
+        """([(rank, class)] of every non-empty class, as a heap; the least memory and the
+        fewest cpus among those classes)."""
         out = [(h[0], c) for c, h in enumerate(self.heaps) if h]
+        if len(out) == 1:
+            c = out[0][1]
+            return out, self.mem[c], self.cpus[c]
         heapq.heapify(out)
-        return out
+        mem, cpus = self.mem, self.cpus
+        return out, min([mem[c] for _, c in out]), min([cpus[c] for _, c in out])
 
     def pop(self, c: int):
         """Remove class ``c``'s head; return the new head entry or None."""
@@ -88,6 +93,7 @@ class Policy:
             self.task_of = np.lexsort((np.arange(graph.size), key))
             self.rank = np.empty(graph.size, dtype=np.int64)
             self.rank[self.task_of] = np.arange(graph.size)
+        self.view = _View()   # reused by every selection
 
     def order_key(self, graph, cluster):
         """Per-task sort key, smaller first (ties by task number); None for task order."""
@@ -99,7 +105,12 @@ class Policy:
     def released(self, task: int, node: int) -> None:
         """Hook for policies that keep their own per-node accounting."""
 
-    def add(self, tasks: np.ndarray, memory_request: np.ndarray) -> None:
+    def add(self, tasks, memory_request: np.ndarray) -> None:
+        if len(tasks) == 1:
+            t = int(tasks[0])
+            self.q.add(self.q.class_of(memory_request.item(t), self._cpus.item(t),
+                                       self._label.item(t)), [self.rank.item(t)])
+            return
         tasks = np.asarray(tasks, dtype=np.int64)
         if tasks.size == 0:
             return
@@ -120,15 +131,17 @@ class Policy:
         q = self.q
         if q.size == 0:
             return []
-        heads = q.heads()
-        view = _View(cluster, now, min(q.mem[c] for _, c in heads), min(q.cpus[c] for _, c in heads))
+        heads, min_m, min_c = q.heads()
+        view = self.view
+        view.reset(cluster, now, min_m, min_c)
+        running, limit, est, latest = view.running, view.limit, view.est, view.latest
         placed, first = [], True
         while heads and view.open:
             rank, c = heapq.heappop(heads)
-            lab, m, k = q.label[c], q.mem[c], q.cpus[c]
-            if view.running[lab] >= view.limit[lab] or now + view.est[lab] > view.latest:
+            lab = q.label[c]
+            if running[lab] >= limit[lab] or now + est[lab] > latest:
                 continue
-            t = int(self.task_of[rank])
+            t, m, k = self.task_of.item(rank), q.mem[c], q.cpus[c]
             if first:
                 self.head(t)
             node = self.fit(t, m, k, lab, view)
@@ -163,17 +176,18 @@ class Policy:
 class _View:
     """A selection's scratch copy of free resources and label counts. ``open`` lists
     (ascending) the nodes with room for at least the smallest queued request, so a
-    selection on a busy machine looks at a few nodes, not all of them."""
+    selection on a busy machine looks at a few nodes, not all of them. One per policy,
+    reset by each selection."""
 
-    def __init__(self, cluster, now: float, min_m: int, min_c: int):
-        self.fm = fm = cluster.free_memory.tolist()
-        self.fc = fc = cluster.free_cores.tolist()
-        room = (cluster.free_memory >= min_m) & (cluster.free_cores >= min_c)
+    def reset(self, cluster, now: float, min_m: int, min_c: int) -> None:
+        self.fm = fm = cluster.fm[:]
+        self.fc = fc = cluster.fc[:]
+        self.open = [j for j in range(len(fm)) if fm[j] >= min_m and fc[j] >= min_c]
         if cluster.lost:
-            room &= cluster.alive
-        self.open = np.flatnonzero(room).tolist()
+            up = cluster.up
+            self.open = [j for j in self.open if up[j]]
         self.min_m, self.min_c = min_m, min_c
-        self.running = cluster.label_running.tolist()
+        self.running = cluster.running[:]
         self.limit = cluster.label_limit.tolist()
         self.est = cluster.label_estimate.tolist()
         self.latest = cluster.latest_end
@@ -226,7 +240,7 @@ class DefaultPolicy(Policy):
 
     def blocked_head(self, task: int, m: int, k: int, cluster, now: float) -> None:
         res = self.reservation
-        if res is not None and cluster.alive[res[1]]:
+        if res is not None and cluster.up[res[1]]:
             return
         node, when = cluster.earliest_fit(m, k, now)
         self.reservation = (task, node, when) if node >= 0 else None

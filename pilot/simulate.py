@@ -138,8 +138,8 @@ def lower_bound(graph, nodes, runtimes: np.ndarray) -> float:
 
 
 class _Sim:
-    def __init__(self, engine, runtimes, peak_mb, outcome, started, check):
-        self.engine, self.check = engine, check
+    def __init__(self, engine, runtimes, peak_mb, outcome, started, check, batch=1):
+        self.engine, self.check, self.batch = engine, check, batch
         self.runtimes = runtimes.tolist()
         self.peak = peak_mb.tolist() if peak_mb is not None else None
         self.outcome, self.started = outcome, started
@@ -159,6 +159,14 @@ class _Sim:
         self.engine_s += time.perf_counter() - t0
         if self.check is not None:
             self.check(self.engine, event)
+        return actions
+
+    def handle_many(self, events):
+        t0 = time.perf_counter()
+        actions = self.engine.handle_many(events)
+        self.engine_s += time.perf_counter() - t0
+        if self.check is not None:
+            self.check(self.engine, events[-1])
         return actions
 
     def launch(self, actions, now: float) -> None:
@@ -184,22 +192,27 @@ class _Sim:
     def run(self) -> None:
         self.launch(self.handle(Schedule(0.0)), 0.0)
         while self.heap:
-            when, _, kind, payload = heapq.heappop(self.heap)
-            self.now = when
-            if kind == _FINISH:
-                t, attempt, node, failure, code, start = payload
-                event = TaskFinished(t, attempt, node, failure, code, None, start, when)
-                self.last_end = when
-            elif kind == _DRAIN:
-                event = Drain(when, "simulated")
+            if self.batch > 1:
+                events = [self.next_event() for _ in range(min(self.batch, len(self.heap)))]
+                self.launch(self.handle_many(events), self.now)
             else:
-                event = NodeLost(payload, when)
-            self.launch(self.handle(event), when)
+                self.launch(self.handle(self.next_event()), self.now)
+
+    def next_event(self):
+        when, _, kind, payload = heapq.heappop(self.heap)
+        self.now = when
+        if kind == _FINISH:
+            t, attempt, node, failure, code, start = payload
+            self.last_end = when
+            return TaskFinished(t, attempt, node, failure, code, None, start, when)
+        if kind == _DRAIN:
+            return Drain(when, "simulated")
+        return NodeLost(payload, when)
 
 
 def simulate(graph, nodes, policy=None, runtimes=None, *, estimates=True, peak_mb=None,
              outcome=None, started=False, check=None, max_failures=None, deadline=None,
-             margin_s=0.0, drain_at=None, lose=(), setup=None) -> SimResult:
+             margin_s=0.0, drain_at=None, lose=(), setup=None, batch=1) -> SimResult:
     """Run ``graph`` on ``nodes`` in simulated time and return the figures.
 
     ``runtimes``: seconds per task (default 1 s each). ``estimates``: give the engine the
@@ -209,7 +222,8 @@ def simulate(graph, nodes, policy=None, runtimes=None, *, estimates=True, peak_m
     attempt. ``started``: also send TaskStarted. ``check(engine, event)`` runs after every
     event. ``deadline``/``margin_s``: engine.set_deadline. ``drain_at``: time of a Drain.
     ``lose``: [(time, node)] node losses. ``setup(engine)`` runs once before the first
-    event (e.g. to add listeners).
+    event (e.g. to add listeners). ``batch`` > 1: hand up to that many of the earliest
+    waiting events to one ``Engine.handle_many`` (``check`` then runs after each batch).
     """
     runtimes = np.ones(graph.size) if runtimes is None else np.asarray(runtimes, dtype=np.float64)
     if estimates is True:
@@ -220,7 +234,7 @@ def simulate(graph, nodes, policy=None, runtimes=None, *, estimates=True, peak_m
         engine.set_deadline(deadline, margin_s)
     if setup is not None:
         setup(engine)
-    sim = _Sim(engine, runtimes, peak_mb, outcome, started, check)
+    sim = _Sim(engine, runtimes, peak_mb, outcome, started, check, batch)
     if drain_at is not None:
         sim.push(float(drain_at), _DRAIN, None)
     for when, node in lose:

@@ -250,3 +250,30 @@ def test_lost_attempts_are_in_the_history_and_an_empty_graph_works(tmp_path):
     again = open_checkpoint(tmp_path / "e.h5", empty)
     assert again.restored[0].size == 0
     again.close()
+
+
+def test_event_rows_pack_every_field_of_the_row_layout():
+    from pilot.checkpoint import event_rows
+    from pilot.checkpoint_schema import FINISHED, TRANSITION, UNCHANGED
+    from pilot.journal import ROW
+
+    graph = chain_graph(4)
+    engine = Engine(graph, [Node("n0", 1000, 2)])
+    (a,) = engine.handle(Schedule(0.0))[:1]
+    done = TaskFinished(a.task, a.attempt, a.node, Failure.SIGNAL, None, 11, 1.0, 2.5,
+                        peak_rss_mb=12.5, cpu_s=0.25, log="/l/t0.1.log")
+    data, logs = event_rows(done, [(a.task, State.LAUNCHED, State.READY), (3, State.PENDING, State.READY)],
+                            engine)
+    rows = np.frombuffer(data, ROW)
+    assert logs == ["/l/t0.1.log", ""]
+    own, other = rows[0], rows[1]
+    assert (own["task"], own["kind"], own["state"], own["failure"]) == \
+        (a.task, FINISHED, State.READY, Failure.SIGNAL)
+    assert (own["attempts"], own["exit_code"], own["signal"], own["node"]) == (1, -1, 11, a.node)
+    assert (own["memory_request"], own["time"], own["start"], own["end"]) == (100, 2.5, 1.0, 2.5)
+    assert (own["peak_rss_mb"], own["cpu_s"]) == (np.float32(12.5), np.float32(0.25))
+    assert (other["task"], other["kind"], other["state"], other["time"]) == (3, TRANSITION, State.READY, 2.5)
+    assert np.isnan(other["start"]) and np.isnan(other["end"]) and other["exit_code"] == -1
+    bare, _ = event_rows(done, [(3, State.PENDING, State.READY)])
+    row = np.frombuffer(bare, ROW)[0]
+    assert (row["attempts"], row["node"], row["memory_request"]) == (UNCHANGED, UNCHANGED, UNCHANGED)

@@ -248,3 +248,104 @@ def test_no_node_able_to_run_work_exits_3():
     (a,) = e.handle(Schedule(0.0))
     assert e.handle(NodeLost(0, 0.5)) == []
     assert e.finished and e.exit_code() == 3
+
+
+# ---- handle_many: several events, one dispatch ---------------------------------------
+
+
+def packed_rows(ckpt):
+    """Every row a MemoryCheckpoint got, as raw bytes, and the log paths."""
+    return (b"".join(part.rows.tobytes() for part in ckpt.rows),
+            [part.log(i) for part in ckpt.rows for i in range(len(part.rows))])
+
+
+def engine_with_rows(g, nodes):
+    from pilot.checkpoint import MemoryCheckpoint
+
+    e = Engine(g, nodes)
+    ckpt = MemoryCheckpoint(g)
+    ckpt.attach(e)
+    e.listeners.append(ckpt)
+    return e, ckpt
+
+
+def test_handle_many_equals_one_handle_per_event_when_only_the_last_dispatches():
+    # TaskStarted never dispatches, so [started..., finished] must leave exactly the state and
+    # checkpoint rows of one handle per event
+    g = graph_of([[], [], [], [], [0, 1]], retries=1)
+    nodes = [Node("a", 4096, 2), Node("b", 4096, 1)]
+    one, ck_one = engine_with_rows(g, nodes)
+    many, ck_many = engine_with_rows(g, nodes)
+    launches = one.handle(Schedule(0.0))
+    assert many.handle_many([Schedule(0.0)]) == launches and len(launches) == 3
+    started = [TaskStarted(a.task, a.attempt, a.node, 1.0) for a in launches]
+    failed = finish(launches[0], Failure.EXIT, 1, 1.0, 2.0)
+    batch = started + [failed]
+    expect = [out for ev in batch for out in one.handle(ev)]
+    got = many.handle_many(batch)
+    many.validate()
+    assert got == expect and [a.task for a in got] == [0] and got[0].attempt == 2
+    for name in ("state", "attempts", "memory_request", "node_of", "start_time"):
+        assert np.array_equal(getattr(one, name), getattr(many, name), equal_nan=True), name
+    assert packed_rows(ck_one) == packed_rows(ck_many)
+    assert [many.history(t) for t in range(5)] == [one.history(t) for t in range(5)]
+
+
+def test_handle_many_applies_all_events_then_dispatches_once_at_the_last_time():
+    g = graph_of([[], [], [], []])
+    e = Engine(g, [Node("n", 4096, 2)])
+    rec = Recorder()
+    e.listeners.append(rec)
+    a, b = e.handle(Schedule(0.0))
+    rec.calls.clear()
+    batch = [finish(a, start=0.0, end=1.0), finish(b, start=0.0, end=3.0)]
+    launches = e.handle_many(batch)
+    e.validate()
+    assert sorted(x.task for x in launches) == [2, 3]
+    assert [call[0] for call in rec.calls] == batch            # one record per event, in order
+    assert rec.calls[0][1] == [(a.task, L, D)]                 # the first event: its own change only
+    assert rec.calls[1][1] == [(b.task, L, D), (2, R, L), (3, R, L)]
+    assert e.start_time[2] == e.start_time[3] == 3.0
+
+
+def test_handle_many_listener_reads_the_engine_as_it_was_after_each_event():
+    # task 0 fails and is requeued by the first event; the second event's dispatch relaunches
+    # it: the first row must still say READY with no node
+    g = graph_of([[], []], retries=1)
+    e, ckpt = engine_with_rows(g, [Node("n", 2048, 1)])
+    (a,) = e.handle(Schedule(0.0))
+    e.handle(TaskStarted(a.task, a.attempt, a.node, 0.5))
+    (again,) = e.handle_many([finish(a, Failure.EXIT, 1, 0.5, 1.0), Schedule(2.0)])
+    assert again.task == 0 and again.attempt == 2
+    first, second = ckpt.rows[-2].rows, ckpt.rows[-1].rows
+    assert (first["state"][0], first["node"][0], first["attempts"][0]) == (R, -1, 1)
+    assert (second["state"][0], second["node"][0], second["attempts"][0], second["time"][0]) == (L, 0, 2, 2.0)
+
+
+def test_handle_many_of_nothing_does_nothing_and_a_drain_stops_its_dispatch():
+    g = graph_of([[], [], []])
+    e = Engine(g, [Node("n", 2048, 1)])
+    rec = Recorder()
+    e.listeners.append(rec)
+    assert e.handle_many([]) == [] and rec.calls == []
+    (a,) = e.handle(Schedule(0.0))
+    assert e.handle_many([finish(a), Drain(1.5)]) == []
+    assert e.finished and e.exit_code() == 3 and len(rec.calls) == 3
+    assert e.handle_many([TaskStarted(a.task, a.attempt + 1, a.node, 2.0)]) == []   # stale: ignored
+
+
+def test_transition_table_is_the_allowed_set():
+    from pilot.engine_states import ALLOWED_TABLE
+
+    pairs = {(a, b) for a in range(len(State)) for b in range(len(State)) if ALLOWED_TABLE[a][b]}
+    assert pairs == set(ALLOWED)
+
+
+def test_numpy_mean_is_numpy_to_the_last_bit():
+    from pilot.engine import numpy_mean
+
+    rng = np.random.default_rng(3)
+    for n in list(range(1, 40)) + [127, 128, 129, 300]:
+        for _ in range(20):
+            values = rng.lognormal(3.0, 2.0, n)
+            assert numpy_mean(values.tolist()) == float(np.mean(values)), n
