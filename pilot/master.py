@@ -6,6 +6,10 @@ never places more than the node holds; the master hands each launch to the rank 
 with the fewest running attempts). With one rank the master runs tasks itself through an
 in-process :class:`~pilot.agent.Agent`.
 
+Batches: each turn of the loop takes every message that has arrived (up to ``BATCH_MAX``),
+gives their events to the engine at once (``Engine.handle_many``: one scheduling pass for the
+lot) and sends the launches, one transport batch per agent rank.
+
 Stopping: a stop signal (on rank 0, or reported by an agent) or the wall-time margin sends
 ``Drain`` to the engine and ``Kill`` to every agent; the killed attempts come back as
 ``Failure.INTERRUPTED`` and the run ends with the engine's exit code (3 with work left).
@@ -32,6 +36,7 @@ log = logging.getLogger("pilot.master")
 IDLE_POLL_S = 0.25     # the loop looks at signals, deadline, progress and checkpoint this often
 DRAIN_TIMEOUT_S = 8.0  # after a drain, give agents this long to report their killed attempts
 HELLO_TIMEOUT_S = 120.0
+BATCH_MAX = 1024       # messages taken in one turn of the loop before the engine schedules
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,7 @@ class Master:
         while not self.engine.finished:
             item = self._next_message()
             if item is not None:
-                self._on_message(*item)
+                self._take_messages(item)
             self._housekeeping()
             if self._drain_expired():
                 log.error("agents did not report their killed tasks within %.0f s", DRAIN_TIMEOUT_S)
@@ -152,15 +157,37 @@ class Master:
 
     # -- messages --
 
-    def _on_message(self, source: int, message) -> None:
-        if isinstance(message, TaskStarted):
-            self._dispatch(self.engine.handle(message))
-        elif isinstance(message, TaskFinished):
-            self._finished(message)
-        elif isinstance(message, Interrupted):
-            self.drain(f"signal {message.signal} on rank {message.rank}")
-        elif not isinstance(message, Hello):
-            log.warning("master ignores %r from rank %d", message, source)
+    def _take_messages(self, item) -> None:
+        """Act on ``item`` and every message already waiting; the engine sees their events at once."""
+        events: list = []
+        for _ in range(BATCH_MAX):
+            source, message = item
+            kind = type(message)
+            if kind is TaskStarted:
+                events.append(message)
+            elif kind is TaskFinished:
+                self._finished(message)
+                events.append(message)
+            elif kind is Interrupted:
+                self._apply(events)   # what came before the signal happened before the drain
+                events = []
+                self.drain(f"signal {message.signal} on rank {message.rank}")
+            elif kind is not Hello:
+                log.warning("master ignores %r from rank %d", message, source)
+            item = self._waiting_message()
+            if item is None:
+                break
+        self._apply(events)
+
+    def _apply(self, events: list) -> None:
+        if events:
+            self._dispatch(self.engine.handle_many(events))
+
+    def _waiting_message(self):
+        """A message that has already arrived, without waiting (the local agent's first)."""
+        if self.inbox:
+            return 0, self.inbox.popleft()
+        return self.transport.poll(0.0) if self.transport.size > 1 else None
 
     def _finished(self, message: TaskFinished) -> None:
         rank = self.rank_of.pop((message.task, message.attempt), None)
@@ -170,7 +197,6 @@ class Master:
             log.warning("task %s attempt %d failed: %s (exit %s, signal %s, peak %.0f MB), log %s",
                         self.graph.ids[message.task], message.attempt, message.failure.name,
                         message.exit_code, message.signal, message.peak_rss_mb, message.log)
-        self._dispatch(self.engine.handle(message))
 
     def drain(self, reason: str) -> None:
         """Stop launching and kill every running attempt (they come back INTERRUPTED)."""
