@@ -4,11 +4,15 @@ A :class:`Runner` never blocks: the agent calls :meth:`Runner.observe` with memo
 and :meth:`Runner.poll` until it returns the attempt's :class:`~pilot.events.TaskFinished`.
 
 - The task runs in its own session and process group (a list command as argv, a string
-  through ``/bin/sh -c``); stdout and stderr go to one log file.
+  through ``/bin/sh -c``); stdout and stderr go to one log file. It is started with one
+  ``posix_spawn`` (:func:`spawn`): stdin from /dev/null, signal dispositions and mask as
+  subprocess gives them, and no descriptor but 0-2 inherited (MPI's among them).
 - Memory: the resident memory of the whole process tree (the task and all its descendants,
   found through ``/proc/<pid>/task/*/children``) is summed from ``/proc/<pid>/stat``. Over
   ``memory_mb * tolerance`` (default 1.10) the group is killed with SIGKILL: ``Failure.OOM``.
-  A task killed by SIGKILL while the cgroup's ``oom_kill`` counter went up is OOM as well.
+  A task killed by SIGKILL while the cgroup's ``oom_kill`` counter went up is OOM as well
+  (the counter before the launch is shared by the launches of the same ~10 ms; the one after
+  a SIGKILL death is read afresh).
 - Time: over ``timeout`` seconds the group gets SIGTERM, then SIGKILL after a grace period:
   ``Failure.TIMEOUT``.
 - When the task's main process ends, whatever is left in its process group is killed.
@@ -19,10 +23,13 @@ and :meth:`Runner.poll` until it returns the attempt's :class:`~pilot.events.Tas
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import functools
 import os
+import shutil
 import signal
-import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -31,6 +38,7 @@ from pilot.events import Failure, TaskFinished, TaskStarted
 from pilot.protocol import RunTask
 
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+OOM_READ_MAX_AGE = 0.01   # seconds: launches this close together share one read of the OOM counter
 # Launcher variables of the pilot's own MPI job: a task that uses MPI itself must not see them.
 MPI_ENV_PREFIXES = ("PMI_", "PMIX_", "HYDI_", "HYDRA_", "MPI_LOCAL", "OMPI_", "PRTE_")
 
@@ -141,22 +149,47 @@ def _stat_row(path: str) -> tuple[int, int, int] | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _agent_env() -> tuple[tuple[str, str], ...]:
-    return tuple((k, v) for k, v in os.environ.items() if not k.startswith(MPI_ENV_PREFIXES))
+def _agent_env() -> dict[str, str]:
+    # Cached once per process; callers copy it.
+    return {k: v for k, v in os.environ.items() if not k.startswith(MPI_ENV_PREFIXES)}
+
+
+FS_ENCODING, FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()   # as os.fsencode
+
+
+@functools.lru_cache(maxsize=1)
+def _agent_envb() -> dict[bytes, bytes]:
+    # Bytes spare posix_spawn the encoding of ~100 variables on every launch.
+    return {os.fsencode(k): os.fsencode(v) for k, v in _agent_env().items()}
+
+
+def _attempt_vars(run: RunTask) -> dict[str, str]:
+    """What an attempt adds to the agent's environment: PILOT_* and the task's own ``env``."""
+    extra = {
+        "PILOT_TASK_ID": run.task_id, "PILOT_LABEL": run.label, "PILOT_ATTEMPT": str(run.attempt),
+        "PILOT_NODE": run.node_name, "PILOT_MEMORY_MB": str(run.memory_mb), "PILOT_CPUS": str(run.cpus),
+        "OMP_NUM_THREADS": str(run.cpus),
+    }
+    if run.env:
+        extra.update({str(k): str(v) for k, v in run.env.items()})
+    return extra
 
 
 def task_env(run: RunTask, base=None) -> dict[str, str]:
     """The attempt's environment: the agent's (without MPI launcher variables) plus PILOT_*."""
     if base is None:
-        env = dict(_agent_env())
+        env = _agent_env().copy()
     else:
         env = {k: v for k, v in base.items() if not k.startswith(MPI_ENV_PREFIXES)}
-    env.update(
-        PILOT_TASK_ID=run.task_id, PILOT_LABEL=run.label, PILOT_ATTEMPT=str(run.attempt),
-        PILOT_NODE=run.node_name, PILOT_MEMORY_MB=str(run.memory_mb), PILOT_CPUS=str(run.cpus),
-        OMP_NUM_THREADS=str(run.cpus),
-    )
-    env.update({str(k): str(v) for k, v in (run.env or {}).items()})
+    env.update(_attempt_vars(run))
+    return env
+
+
+def _task_envb(run: RunTask) -> dict[bytes, bytes]:
+    """:func:`task_env` of the agent's environment, encoded for :func:`spawn`."""
+    env = _agent_envb().copy()
+    for key, value in _attempt_vars(run).items():
+        env[key.encode(FS_ENCODING, FS_ERRORS)] = value.encode(FS_ENCODING, FS_ERRORS)
     return env
 
 
@@ -182,6 +215,92 @@ def _make_dir(folder: str) -> None:
         _made_dirs.add(folder)
 
 
+# ---- launching ----------------------------------------------------------------------
+
+CLOSE_RANGE_CLOEXEC = 1 << 2
+LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+# Python ignores these; a task gets them at their defaults, as subprocess gives them.
+DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc_close_range():
+    """libc's ``close_range`` (glibc >= 2.34), or None."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).close_range
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = (ctypes.c_uint, ctypes.c_uint, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def cloexec_from(low: int = 3) -> None:
+    """Mark every descriptor from ``low`` up close-on-exec, so that a spawned task inherits none.
+
+    MPI libraries open descriptors without O_CLOEXEC (the PMI socket, for one): they must not
+    leak into tasks. One ``close_range(CLOSE_RANGE_CLOEXEC)`` call (Linux >= 5.11), else
+    fcntl over the entries of /proc/self/fd.
+    """
+    fn = _libc_close_range()
+    if fn is not None and fn(low, 0xFFFFFFFF, CLOSE_RANGE_CLOEXEC) == 0:
+        return
+    _cloexec_listed(low)
+
+
+def _cloexec_listed(low: int) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) >= low:
+            try:
+                os.set_inheritable(int(name), False)
+            except OSError:
+                pass   # the listing's own descriptor, closed by now
+
+
+def spawn(argv: list[str], env: dict, log: str) -> int:
+    """Start ``argv`` in a session of its own and return its pid.
+
+    stdin is /dev/null; stdout and stderr are appended to ``log`` (created 0644); the signals
+    Python ignores are back at their defaults and the signal mask is empty; only descriptors
+    0-2 are inherited. ``env`` maps str or bytes; a program without a ``/`` is looked up in
+    its PATH, as subprocess does. Raises OSError when the log cannot be opened or the program
+    cannot be run. One ``posix_spawn`` (vfork and exec in C): no Python runs in the child.
+    """
+    if not argv:
+        raise ValueError("empty command")
+    cloexec_from(3)
+    launch, program = _launcher(argv[0], env)
+    # The child opens the log: the same wall time as opening it here and passing the fd (the
+    # agent waits for the exec either way), with fewer system calls made from Python.
+    actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+               (os.POSIX_SPAWN_OPEN, 1, log, LOG_FLAGS, 0o644), (os.POSIX_SPAWN_DUP2, 1, 2)]
+    return launch(program, argv, env, file_actions=actions, setsid=True, setsigdef=DEFAULT_SIGNALS,
+                  setsigmask=())
+
+
+def _launcher(program: str, env: dict):
+    """``(posix_spawn or posix_spawnp, program)``: the PATH lookup that ``env`` asks for."""
+    if "/" in program:
+        return os.posix_spawn, program
+    path = env.get(b"PATH") if b"PATH" in env else env.get("PATH")
+    path = os.fsencode(path) if isinstance(path, str) else path
+    if path == os.environb.get(b"PATH"):
+        return os.posix_spawnp, program   # libc searches this process's PATH: the same one
+    found = shutil.which(program, path=os.fsdecode(path) if path is not None else os.defpath)
+    if found is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+    return os.posix_spawn, found
+
+
+class Spawned:
+    """A launched process, as :meth:`Runner._spawn` returns it."""
+
+    __slots__ = ("pid",)
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+
 # ---- one attempt --------------------------------------------------------------------
 
 
@@ -197,7 +316,7 @@ class Runner:
         self.peak_rss_mb = 0.0
         self.reason: Failure | None = None   # why the pilot killed it, if it did
         self._kill_at: float | None = None   # when to escalate to SIGKILL
-        self._proc: subprocess.Popen | None = None
+        self._live = False                   # launched and not reaped yet
         self._oom_before: int | None = None
         self.started_mono = 0.0
 
@@ -205,29 +324,28 @@ class Runner:
         """Launch the process; a launch error comes back at once as ``Failure.LAUNCH``."""
         self.start_time = self.clock()
         self.started_mono = time.monotonic()
-        self._oom_before = nodes.oom_kill_count()
+        self._oom_before = nodes.recent_oom_kill_count(OOM_READ_MAX_AGE)
         try:
-            self._proc = self._spawn()
-        except OSError as err:
+            self.pid = self._spawn().pid
+        except (OSError, ValueError) as err:   # ValueError: a NUL or a "=" where none may be
             return self._launch_failed(err)
-        self.pid = self._proc.pid
+        self._live = True
         self.pidfd = os.pidfd_open(self.pid)
         return TaskStarted(self.run.task, self.run.attempt, self.run.node, self.start_time, self.pid)
 
-    def _spawn(self) -> subprocess.Popen:
+    def _spawn(self):
+        """Launch the attempt; an object with the ``pid`` of a child of this process."""
         _make_dir(os.path.dirname(self.run.log))
-        if (self.run.env or {}).get("PILOT_LSST_MODE") == "warm":
-            from pilot.lsst.warm import spawn
+        if self.run.env and self.run.env.get("PILOT_LSST_MODE") == "warm":
+            from pilot.lsst.warm import spawn as warm_spawn
 
-            return spawn(self.run.command, self.run.log, task_env(self.run))
-        # Append: an interrupted attempt gives its number back, and its output must not be lost
-        # when the same attempt number runs again after a restart.
-        with open(self.run.log, "ab") as log:
-            return subprocess.Popen(argv_of(self.run.command), stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, env=task_env(self.run),
-                                    start_new_session=True, close_fds=True)
+            return warm_spawn(self.run.command, self.run.log, task_env(self.run))
+        # The log is appended to: an interrupted attempt gives its number back, and its output
+        # must not be lost when the same attempt number runs again after a restart.
+        return Spawned(spawn(argv_of(self.run.command), _task_envb(self.run), self.run.log))
 
-    def _launch_failed(self, err: OSError) -> TaskFinished:
+    def _launch_failed(self, err: Exception) -> TaskFinished:
+        _made_dirs.discard(os.path.dirname(self.run.log))   # made again next time, if it was removed
         try:
             with open(self.run.log, "a") as log:
                 log.write(f"pilot: cannot launch {argv_of(self.run.command)!r}: {err}\n")
@@ -283,13 +401,15 @@ class Runner:
 
     def poll(self) -> TaskFinished | None:
         """The attempt's result once its main process has ended, else None (never blocks)."""
-        if self._proc is None:
+        if not self._live:
             return None
         if os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
             return None
-        self._signal_group(signal.SIGKILL)   # leftovers of the group, while its leader is a zombie
+        # Leftovers of the group, while its leader is a zombie: its pid (the group's id) cannot
+        # have been reused by then.
+        self._signal_group(signal.SIGKILL)
         _, status, usage = os.wait4(self.pid, 0)
-        self._proc.returncode = os.waitstatus_to_exitcode(status)  # keep Popen from reaping again
+        self._live = False
         os.close(self.pidfd)
         self.pidfd = -1
         return self._classify(status, usage.ru_utime + usage.ru_stime)
@@ -308,10 +428,10 @@ class Runner:
         return self._finished(failure, code, sig, cpu_s)
 
     def _oom_fired(self) -> bool:
-        after = nodes.oom_kill_count()
+        after = nodes.recent_oom_kill_count(0.0)   # fresh: read after the death was seen
         return self._oom_before is not None and after is not None and after > self._oom_before
 
     def _finished(self, failure: Failure, code, sig, cpu_s: float) -> TaskFinished:
         r = self.run
         return TaskFinished(r.task, r.attempt, r.node, failure, code, sig, self.start_time,
-                            self.clock(), round(self.peak_rss_mb, 1), round(cpu_s, 3), r.log)
+                            self.clock(), round(self.peak_rss_mb, 1), round(cpu_s, 6), r.log)

@@ -74,3 +74,16 @@ def test_oom_counter_and_limit_from_cgroup_files(tmp_path, monkeypatch):
     assert nodes.cgroup_memory_limit_mb() == 3072
     (folder / "memory.limit_in_bytes").write_text("9223372036854771712")
     assert nodes.cgroup_memory_limit_mb() is None
+
+
+def test_recent_oom_count_is_shared_until_it_is_max_age_old(tmp_path, monkeypatch):
+    monkeypatch.setattr(nodes, "oom_events_file", lambda: tmp_path / "memory.events")
+    monkeypatch.setattr(nodes, "_oom_read", [float("-inf"), None])
+    (tmp_path / "memory.events").write_text("low 0\nhigh 0\nmax 2\noom 1\noom_kill 1\n")
+    assert nodes.recent_oom_kill_count(3600) == 1
+    (tmp_path / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 2\noom_kill 2\n")
+    assert nodes.recent_oom_kill_count(3600) == 1      # the shared read
+    assert nodes.recent_oom_kill_count(0.0) == 2       # a fresh one, shared from now on
+    (tmp_path / "memory.events").unlink()
+    assert nodes.recent_oom_kill_count(3600) == 2
+    assert nodes.recent_oom_kill_count(0.0) is None    # unreadable

@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from pilot import nodes
+from pilot import nodes, runner as runner_module
 from pilot.events import Failure, TaskStarted
 from pilot.protocol import RunTask
-from pilot.runner import ProcessTable, Runner, WatchConfig, argv_of, log_path, task_env
+from pilot.runner import ProcessTable, Runner, WatchConfig, argv_of, cloexec_from, log_path, task_env
 from tests.helpers import PAYLOAD, ROOT, wait_for
 
 FAST = WatchConfig(tolerance=1.10, sample_interval=0.05, kill_grace=0.5)
@@ -144,6 +144,138 @@ def test_launch_error(tmp_path):
     result = runner.start()
     assert result.failure == Failure.LAUNCH and result.exit_code is None
     assert "cannot launch" in open(result.log).read()
+
+
+def test_launch_errors_of_each_kind(tmp_path):
+    script = tmp_path / "not-executable"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o644)
+    for command, env in (([str(script)], None), (["no-such-program-anywhere"], None),
+                         (["true"], {"BAD=NAME": "x"}), (["true", "nul\0byte"], None), ([], None)):
+        result = Runner(make_run(tmp_path, command, env=env), FAST).start()
+        assert result.failure == Failure.LAUNCH, command
+    assert open(result.log).read().count("pilot: cannot launch") == 5
+
+
+def test_a_log_folder_that_cannot_be_made_is_a_launch_error(tmp_path):
+    (tmp_path / "logs").write_text("a file where the log folder should be")
+    result = Runner(make_run(tmp_path, ["true"]), FAST).start()
+    assert result.failure == Failure.LAUNCH
+
+
+def test_a_log_folder_removed_under_the_runner_is_made_again(tmp_path):
+    _, first = attempt(tmp_path, ["true"])
+    folder = os.path.dirname(first.log)
+    os.remove(first.log)
+    os.rmdir(folder)     # the runner remembers having made it: the task itself cannot open its log
+    assert Runner(make_run(tmp_path, ["true"], attempt=2), FAST).start().failure == Failure.LAUNCH
+    _, third = attempt(tmp_path, ["sh", "-c", "echo again"], attempt=3)
+    assert third.failure == Failure.NONE and open(third.log).read() == "again\n"
+
+
+def test_program_is_looked_up_in_the_task_path(tmp_path):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    program = folder / "my-tool"
+    program.write_text("#!/bin/sh\necho tool ran with $1\n")
+    program.chmod(0o755)
+    path = f"{folder}:{os.environ['PATH']}"
+    _, found = attempt(tmp_path, ["my-tool", "x"], env={"PATH": path})
+    assert found.failure == Failure.NONE and "tool ran with x" in open(found.log).read()
+    missing = Runner(make_run(tmp_path, ["my-tool"], attempt=2), FAST).start()
+    assert missing.failure == Failure.LAUNCH   # not on the agent's own PATH
+
+
+PROBE = """
+import os
+def is_open(fd):
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+print("fds", *[fd for fd in range(1024) if is_open(fd)])
+print("stdin", os.readlink("/proc/self/fd/0"))
+print("out", os.readlink("/proc/self/fd/1"), os.readlink("/proc/self/fd/2"))
+print("leader", os.getsid(0) == os.getpid() == os.getpgid(0))
+"""
+# Python ignores SIGPIPE and SIGXFSZ itself: the signal state is read by grep instead.
+SIGNAL_PROBE = ["grep", "-E", "^Sig(Blk|Ign):", "/proc/self/status"]
+
+
+def probe(tmp_path) -> dict[str, list[str]]:
+    """Run the probes as tasks while this process holds an inheritable fd and blocks SIGUSR2."""
+    leak = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(leak, True)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+    try:
+        assert signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN   # what the task must not inherit
+        _, result = attempt(tmp_path, [sys.executable, "-c", PROBE])
+        _, signals = attempt(tmp_path, SIGNAL_PROBE, attempt=2)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
+        os.close(leak)
+    assert result.failure == signals.failure == Failure.NONE, open(result.log).read()
+    seen = {line.split()[0]: line.split()[1:] for line in open(result.log).read().splitlines()}
+    return seen | {line.split()[0]: int(line.split()[1], 16) for line in open(signals.log)}
+
+
+def check_inheritance(seen: dict, log: str) -> None:
+    assert seen["fds"] == ["0", "1", "2"]
+    assert seen["stdin"] == ["/dev/null"]
+    assert seen["out"] == [log, log]
+    assert seen["leader"] == ["True"]
+    assert seen["SigBlk:"] == 0
+    assert seen["SigIgn:"] & (1 << (signal.SIGPIPE - 1) | 1 << (signal.SIGXFSZ - 1)) == 0
+
+
+def test_task_inherits_only_stdio_a_clean_signal_state_and_its_own_session(tmp_path):
+    seen = probe(tmp_path)
+    check_inheritance(seen, make_run(tmp_path, "").log)
+
+
+def test_without_close_range_descriptors_are_marked_from_the_fd_listing(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner_module, "_libc_close_range", lambda: None)
+    leak = os.open(os.devnull, os.O_RDONLY)
+    try:
+        os.set_inheritable(leak, True)
+        cloexec_from(3)
+        assert not os.get_inheritable(leak)
+    finally:
+        os.close(leak)
+    check_inheritance(probe(tmp_path), make_run(tmp_path, "").log)
+
+
+def test_agent_environment_drops_mpi_variables_and_both_encodings_agree(tmp_path):
+    os.environ["PMI_RANK"] = "3"
+    runner_module._agent_env.cache_clear()
+    runner_module._agent_envb.cache_clear()
+    try:
+        run = make_run(tmp_path, "env", env={"WORD": "caf\u00e9", "PATH": "/opt/x:/bin"})
+        text = task_env(run)
+        assert "PMI_RANK" not in text and text["WORD"] == "caf\u00e9" and text["PATH"] == "/opt/x:/bin"
+        assert {os.fsdecode(k): os.fsdecode(v) for k, v in runner_module._task_envb(run).items()} == text
+        _, result = attempt(tmp_path, "env")
+        assert "PMI_RANK=3" not in open(result.log).read().splitlines()
+    finally:
+        del os.environ["PMI_RANK"]
+        runner_module._agent_env.cache_clear()
+        runner_module._agent_envb.cache_clear()
+
+
+def test_launches_share_one_read_of_the_oom_counter(tmp_path, monkeypatch, payload):
+    reads = []
+
+    def counting():
+        reads.append(1)
+        return 5
+    monkeypatch.setattr(nodes, "oom_kill_count", counting)
+    monkeypatch.setattr(nodes, "_oom_read", [float("-inf"), None])
+    monkeypatch.setattr(runner_module, "OOM_READ_MAX_AGE", 3600.0)
+    results = [attempt(tmp_path, ["true"], attempt=k)[1] for k in (1, 2, 3)]
+    assert [r.failure for r in results] == [Failure.NONE] * 3 and len(reads) == 1
+    _, killed = attempt(tmp_path, [payload, "--signal", "9"], attempt=4)
+    assert killed.failure == Failure.SIGNAL and len(reads) == 2   # a SIGKILL death reads afresh
 
 
 def test_leftovers_of_the_group_are_killed(tmp_path):

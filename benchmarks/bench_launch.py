@@ -1,0 +1,166 @@
+"""Cost of launching one task attempt: `true` through Runner.start/poll, against bare loops.
+
+    .venv/bin/python benchmarks/bench_launch.py [--launches 3000] [--concurrency 2] [--rounds 3]
+        [--env-size 100] [--dir FOLDER]
+
+Three loops run in this one process, in alternating rounds, each keeping ``concurrency``
+launches of `true` in flight and writing each launch's output to a new log file laid out as the
+pilot's task logs:
+
+- ``popen``: a bare ``subprocess.Popen`` loop (own session, stdin from /dev/null, log appended);
+- ``posix_spawn``: a bare ``os.posix_spawnp`` loop doing the same (the child opens the log);
+- ``runner``: :class:`pilot.runner.Runner` (what an agent does per attempt: environment, log,
+  launch, pidfd, reaping, group kill of leftovers, result), woken by the pidfds as the agent is.
+
+Printed per loop (median over rounds): launches/s, the parent's own CPU in microseconds per
+launch (the launcher's overhead: Python, syscalls; the child's exec is not in it) and the
+children's CPU per launch (Popen's parent opens the log, the spawned children open their own).
+The ratio runner/posix_spawn is what the runner adds to the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pilot.protocol import RunTask  # noqa: E402
+from pilot.runner import Runner, WatchConfig, log_path  # noqa: E402
+
+LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+
+
+def usage() -> tuple[float, float]:
+    """(own CPU s, waited-for children's CPU s) of this process."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+def bare_loop(launch, n: int, concurrency: int) -> None:
+    """Keep ``concurrency`` children of ``launch(i) -> (pid, Popen or None)`` running until ``n`` ended."""
+    running: dict[int, subprocess.Popen | None] = {}
+    started = 0
+    while started < n or running:
+        while started < n and len(running) < concurrency:
+            pid, proc = launch(started)
+            running[pid] = proc
+            started += 1
+        pid, status = os.waitpid(-1, 0)
+        proc = running.pop(pid)
+        if proc is not None:
+            proc.returncode = os.waitstatus_to_exitcode(status)   # or Popen would reap it again
+
+
+def popen_launcher(logdir: Path):
+    def launch(i: int) -> tuple[int, subprocess.Popen]:
+        with open(log_path(logdir, i, f"t{i}", 1), "ab") as log:
+            proc = subprocess.Popen(["true"], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        return proc.pid, proc
+    return launch
+
+
+def spawn_launcher(logdir: Path):
+    env = dict(os.environ)   # os.environ itself would be converted key by key in Python
+
+    def launch(i: int) -> tuple[int, None]:
+        return os.posix_spawnp("true", ["true"], env, setsid=True, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, log_path(logdir, i, f"t{i}", 1), LOG_FLAGS, 0o644),
+            (os.POSIX_SPAWN_DUP2, 1, 2)]), None
+    return launch
+
+
+def runner_loop(n: int, concurrency: int, logdir: Path) -> None:
+    """The agent's pattern: start runners, wait on their pidfds, poll the readable ones."""
+    watch = WatchConfig()
+    running: dict[int, Runner] = {}
+    started = 0
+    while started < n or running:
+        while started < n and len(running) < concurrency:
+            run = RunTask(started, 1, 0, f"t{started}", "null", "n0", ["true"], None,
+                          log_path(logdir, started, f"t{started}", 1), 0.0, 1, 1)
+            runner = Runner(run, watch)
+            runner.start()
+            running[runner.pidfd] = runner
+            started += 1
+        readable, _, _ = select.select(list(running), [], [], 5.0)
+        for fd in readable:
+            if running[fd].poll() is not None:
+                del running[fd]
+
+
+def make_dirs(logdir: Path, n: int) -> None:
+    for shard in range(n // 1000 + 1):
+        (logdir / f"{shard:05d}").mkdir(parents=True, exist_ok=True)
+
+
+def measure(name: str, n: int, concurrency: int, logdir: Path) -> tuple[float, float, float]:
+    """One round of one loop: (launches/s, own CPU us per launch, children's CPU us per launch)."""
+    make_dirs(logdir, n)
+    self0, kids0 = usage()
+    began = time.perf_counter()
+    if name == "runner":
+        runner_loop(n, concurrency, logdir)
+    else:
+        launcher = popen_launcher(logdir) if name == "popen" else spawn_launcher(logdir)
+        bare_loop(launcher, n, concurrency)
+    wall = time.perf_counter() - began
+    self1, kids1 = usage()
+    return n / wall, 1e6 * (self1 - self0) / n, 1e6 * (kids1 - kids0) / n
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--launches", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
+                        help="where the logs go (default /dev/shm: creating files on a disk is slow and "
+                             "noisy, and the same for every loop)")
+    parser.add_argument("--env-size", type=int, default=100,
+                        help="pad the environment to this many variables (an agent under mpiexec has ~100)")
+    return parser.parse_args()
+
+
+def run_rounds(args, names) -> dict[str, list[float]]:
+    """Every loop once per round, alternating; the median (rate, own us, children us) per loop."""
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in names}
+    with tempfile.TemporaryDirectory(prefix="bench_launch_", dir=args.dir) as tmp:
+        for round_no in range(args.rounds):
+            for name in names:
+                logdir = Path(tmp) / f"{name}{round_no}"
+                results[name].append(measure(name, args.launches, args.concurrency, logdir))
+    return {name: [statistics.median(r[k] for r in results[name]) for k in range(3)] for name in names}
+
+
+def main() -> None:
+    args = parse_args()
+    for k in range(len(os.environ), args.env_size):
+        os.environ[f"BENCH_PAD_{k}"] = f"/some/typical/value/{k}"
+    names = ("popen", "posix_spawn", "runner")
+    med = run_rounds(args, names)
+    print(f"`true` x {args.launches}, concurrency {args.concurrency}, median of {args.rounds} rounds, "
+          f"{len(os.environ)} environment variables, logs in {args.dir or tempfile.gettempdir()}, "
+          f"Python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.1f}")
+    for name in names:
+        rate, own, kids = med[name]
+        print(f"{name:12s} {rate:7.0f} launches/s   own CPU {own:6.1f} us/launch   "
+              f"children {kids:6.1f} us/launch")
+    runner, floor, popen = med["runner"], med["posix_spawn"], med["popen"]
+    print(f"runner / posix_spawn: rate {runner[0] / floor[0]:.2f}, own CPU {runner[1] / floor[1]:.2f}; "
+          f"runner / popen: rate {runner[0] / popen[0]:.2f}, own CPU {runner[1] / popen[1]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
