@@ -176,9 +176,9 @@ class Agent:
             for runner in due:
                 runner.observe(table.rss_mb(runner.pid, runner.pid))
 
-    def wait(self, timeout: float, wake_fd: int | None = None) -> None:
+    def wait(self, timeout: float, wake_fd: int | None = None) -> bool:
         """Sleep up to ``timeout`` s, waking as soon as an attempt ends, a check is due or
-        ``wake_fd`` (the transport's) becomes readable."""
+        ``wake_fd`` (the transport's) becomes readable; True if ``wake_fd`` is readable."""
         fds = [] if wake_fd is None else [wake_fd]
         if self.runners or self.starts:
             due = [self._next_sample] + [d for r in self.runners.values() if (d := r.next_deadline)]
@@ -186,8 +186,10 @@ class Agent:
                 due.append(self._starts_due)
             timeout = min(timeout, min(due) - time.monotonic())
             fds += [r.pidfd for r in self.runners.values() if r.pidfd >= 0]
-        if timeout > 0:
-            select.select(fds, [], [], timeout)
+        if timeout <= 0:
+            return False
+        readable, _, _ = select.select(fds, [], [], timeout)
+        return wake_fd is not None and wake_fd in readable
 
 
 def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchConfig(),
@@ -203,7 +205,7 @@ def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchCo
         while item is not None:   # a whole batch from the master before looking at the tasks
             agent.handle(item[1])
             code = item[1].code if isinstance(item[1], Shutdown) else code
-            item = None if agent.stopped else transport.poll(0.0)
+            item = None if agent.stopped else transport.next_buffered()
         if got:
             backoff.activity()
         _forward_signal(agent, transport, signals)
@@ -211,7 +213,8 @@ def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchCo
             backoff.activity()
         elif not got and agent.busy:
             transport.flush()
-            agent.wait(backoff.next_delay(), transport.wake_fd)
+            if agent.wait(backoff.next_delay(), transport.wake_fd):
+                transport.woken()
     _finish(agent)
     transport.close()
     return code

@@ -279,17 +279,32 @@ def spawn(argv: list[str], env: dict, log: str) -> int:
 
 
 def _launcher(program: str, env: dict):
-    """``(posix_spawn or posix_spawnp, program)``: the PATH lookup that ``env`` asks for."""
+    """``(posix_spawn, program's path)``: the PATH lookup that ``env`` asks for."""
     if "/" in program:
         return os.posix_spawn, program
     path = env.get(b"PATH") if b"PATH" in env else env.get("PATH")
     path = os.fsencode(path) if isinstance(path, str) else path
-    if path == os.environb.get(b"PATH"):
-        return os.posix_spawnp, program   # libc searches this process's PATH: the same one
-    found = shutil.which(program, path=os.fsdecode(path) if path is not None else os.defpath)
+    found = _which(program, path)
     if found is None:
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
     return os.posix_spawn, found
+
+
+_FOUND: dict[tuple[str, bytes | None], str] = {}
+
+
+def _which(program: str, path: bytes | None) -> str | None:
+    """``program``'s path on ``path``, looked up once and remembered (a program not found is
+    looked up again next time). libc's posix_spawnp would instead try an execve in every PATH
+    folder before the right one (about ten on a venv's PATH) on every launch, while the agent
+    waits."""
+    key = (program, path)
+    found = _FOUND.get(key)
+    if found is None:
+        found = shutil.which(program, path=os.fsdecode(path) if path is not None else os.defpath)
+        if found is not None:
+            _FOUND[key] = found
+    return found
 
 
 class Spawned:

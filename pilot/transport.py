@@ -105,9 +105,10 @@ class Doorbell:
                 return rung
             rung = True
 
-    def wait(self, timeout: float) -> None:
-        """Sleep up to ``timeout`` seconds, or until rung."""
-        select.select([self.sock], [], [], timeout)
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` seconds, or until rung; True (and emptied) if rung."""
+        readable, _, _ = select.select([self.sock], [], [], timeout)
+        return bool(readable) and self.drain()
 
     def close(self) -> None:
         self.sock.close()
@@ -177,6 +178,13 @@ class Transport(ABC):
     def _receive(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for one batch and deliver it; False if none came."""
 
+    def next_buffered(self):
+        """The next ``(source, message)`` already received, without looking for more; or None."""
+        return self._inbox.popleft() if self._inbox else None
+
+    def woken(self) -> None:
+        """A wait outside ``poll`` found ``wake_fd`` readable: consume the wake-up."""
+
     @abstractmethod
     def abort(self, code: int) -> None:
         """End every rank of the run with ``code``."""
@@ -216,22 +224,22 @@ class MPITransport(Transport):
         deadline = time.monotonic() + timeout
         status = self._MPI.Status()
         while True:
-            rung = self.doorbell.drain()
             if self.comm.Iprobe(source=self._MPI.ANY_SOURCE, tag=TAG, status=status):
                 source = status.Get_source()
                 self._deliver(source, self.comm.recv(source=source, tag=TAG))
                 self.backoff.activity()
                 return True
-            if rung:
-                self.backoff.rung()   # the message may be a moment behind its ring
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
             delay = min(self.backoff.next_delay(), left)
-            if delay > 0:
-                self.doorbell.wait(delay)
-            else:
+            if delay <= 0:
                 os.sched_yield()
+            elif self.doorbell.wait(delay):
+                self.backoff.rung()   # probe now; the message may be a moment behind its ring
+
+    def woken(self) -> None:
+        self.doorbell.drain()
 
     def abort(self, code: int) -> None:
         sys.stderr.flush()
