@@ -15,6 +15,7 @@ held starts always go out before any other message.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import select
@@ -199,6 +200,7 @@ def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchCo
     transport.send(0, Hello(transport.rank, info.name, info.memory_mb, info.cores, os.getpid()))
     backoff = transport.backoff   # shared: a doorbell ring seen by poll makes the loop probe eagerly
     code = 0
+    gc.freeze()   # what start-up imported is never garbage: keep collections short
     while not agent.stopped:
         item = transport.poll(0.0 if agent.busy else IDLE_POLL_S)
         got = item is not None

@@ -18,6 +18,7 @@ Stopping: a stop signal (on rank 0, or reported by an agent) or the wall-time ma
 from __future__ import annotations
 
 import collections
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -275,6 +276,7 @@ def master_main(transport: Transport, config: RunConfig, info, signals: Signals 
         master = Master(transport, graph, engine, nodes, node_ranks, options,
                         local_watch=config.watch if transport.size == 1 else None,
                         checkpoint=checkpoint, signals=signals)
+        gc.freeze()   # the loaded graph (millions of objects) stays out of every collection
         code = master.run()
     finally:
         _shutdown_all(transport, code)

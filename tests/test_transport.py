@@ -6,6 +6,7 @@ Run one scenario by hand: ``mpiexec -n 3 .venv/bin/python -m tests.test_transpor
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 from pilot.events import Schedule, TaskStarted
 from pilot.protocol import Shutdown
 from pilot.transport import (Backoff, Doorbell, LocalHub, MPITransport, TransportAborted, doorbell_addresses,
-                             guarded)
+                             fifo_folder, guarded, ring_targets)
 from tests.helpers import MPIEXEC, ROOT, mpi_env
 
 # ---- scenarios: each runs on every rank ----------------------------------------------
@@ -248,6 +249,26 @@ def test_doorbell_rings_once_per_drain():
         assert not bell.drain()
         bell.ring(None)   # a rank without a doorbell: nothing happens
         assert not bell.drain()
+    finally:
+        bell.close()
+
+
+def test_a_fifo_doorbell_rings_through_its_write_end_and_leaves_no_name_behind():
+    folder = fifo_folder()
+    bell = Doorbell(folder)
+    try:
+        here = socket.gethostname()
+        targets = ring_targets([(here, bell.port, bell.fifo_path), ("no-such-host.invalid", 4001, "/nowhere")])
+        assert isinstance(targets[0], int) and targets[1] is None
+        bell.unlink_fifo()
+        assert not os.path.exists(folder)   # the name is gone, the descriptors still work
+        for _ in range(3):
+            Doorbell.ring(targets[0])
+        assert bell.wait(10.0)
+        assert not bell.drain()
+        Doorbell.ring(("127.0.0.1", bell.port))   # a peer on another host rings by UDP
+        assert bell.wait(10.0) and not bell.drain()
+        os.close(targets[0])
     finally:
         bell.close()
 
