@@ -6,10 +6,11 @@ pidfds (a finished task wakes it at once) and on the transport's ``wake_fd`` (a 
 master wakes it at once), and probes the transport between waits with the transport's
 back-off; when idle it only polls the transport.
 
-Messages to the master are few: a ``TaskStarted`` waits up to ``STARTED_DELAY_S`` to travel
-with the next result (a short task's start and end then cost the master one wake-up and the
-wire one message), and each loop iteration's messages leave as one batch. Order is kept: the
-held starts always go out before any other message.
+Messages to the master are few: a ``TaskStarted`` waits up to ``STARTED_DELAY_S`` before it
+is sent, and is dropped if the attempt ends first (its ``TaskFinished`` carries the start
+time; the engine takes a launched task straight to its end), so a short task costs one
+message and one engine event. Each loop iteration's messages leave as one batch. Order is
+kept: held starts always go out before any other message.
 """
 
 from __future__ import annotations
@@ -54,14 +55,15 @@ class Signals:
 class Agent:
     """Runs attempts on one node; results go out through ``send(message)``."""
 
-    def __init__(self, send, watch: WatchConfig = WatchConfig()):
+    def __init__(self, send, watch: WatchConfig = WatchConfig(), started_delay: float = STARTED_DELAY_S):
         self.send = send
         self.watch = watch
+        self.started_delay = started_delay
         self.runners: dict[tuple[int, int], Runner] = {}
         self.stopped = False
         self.stop_seen = False      # a stop signal reached this rank, or the master drains
         self.held: list[tuple[float, TaskFinished]] = []
-        self.starts: list[TaskStarted] = []   # reported with the next message, or when due
+        self.starts: dict[tuple[int, int], TaskStarted] = {}   # (task, attempt): sent when due or before another message
         self._starts_due = 0.0
         self._next_sample = 0.0
 
@@ -92,8 +94,8 @@ class Agent:
             return
         self.runners[(run.task, run.attempt)] = runner
         if not self.starts:
-            self._starts_due = time.monotonic() + STARTED_DELAY_S
-        self.starts.append(result)
+            self._starts_due = time.monotonic() + self.started_delay
+        self.starts[(run.task, run.attempt)] = result
 
     def emit(self, message) -> None:
         """Send ``message`` after the starts held back so far (the master sees a start first)."""
@@ -102,8 +104,8 @@ class Agent:
 
     def _send_starts(self) -> None:
         if self.starts:
-            starts, self.starts = self.starts, []
-            for started in starts:
+            starts, self.starts = self.starts, {}
+            for started in starts.values():
                 self.send(started)
 
     def kill(self, task: int, attempt: int, failure: Failure, hard: bool = False) -> None:
@@ -132,11 +134,13 @@ class Agent:
         return ended
 
     def _report(self, result: TaskFinished, now: float) -> None:
-        """Send a result; one killed by a stop signal waits briefly to learn whether the run stops.
+        """Send a result (its start, if still held, goes unsaid); one killed by a stop signal
+        waits briefly to learn whether the run stops.
 
         ``scancel`` and srun signal every process at once, so a task may die of the job's SIGTERM
         a moment before this rank handles the same signal: that attempt was interrupted, not failed.
         """
+        self.starts.pop((result.task, result.attempt), None)
         if result.failure == Failure.SIGNAL and result.signal in STOP_SIGNALS:
             if self.stop_seen:
                 result = dataclasses.replace(result, failure=Failure.INTERRUPTED)

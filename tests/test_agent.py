@@ -71,15 +71,19 @@ def test_wait_ends_when_the_transports_wake_fd_becomes_readable(tmp_path):
         _finished(agent, sent)
 
 
-def test_a_short_tasks_start_travels_with_its_result_and_before_it(tmp_path):
+def test_a_short_task_is_reported_by_its_result_alone_and_a_held_start_goes_first(tmp_path):
     sent = []
-    agent = Agent(sent.append, WatchConfig())
-    run = RunTask(1, 1, 0, "t1", "lbl", "n0", ["true"], None, str(tmp_path / "t1.log"), 0.0, 100, 1)
-    agent.handle(run)
-    assert sent == []   # the start waits for company
-    _finished(agent, sent)
-    assert [type(m) for m in sent] == [TaskStarted, TaskFinished]
-    assert sent[0].task == sent[1].task == 1
+    agent = Agent(sent.append, WatchConfig(), started_delay=3600.0)   # no start falls due on a slow machine
+    agent.handle(_run(tmp_path, task=2))   # 30 s: its start is held
+    agent.handle(RunTask(1, 1, 0, "t1", "lbl", "n0", ["true"], None, str(tmp_path / "t1.log"), 0.0, 100, 1))
+    assert sent == []   # starts wait
+    try:
+        result = _finished(agent, sent)
+        assert [(type(m), m.task) for m in sent] == [(TaskStarted, 2), (TaskFinished, 1)]
+        assert result.start <= result.end   # the result carries the start time
+    finally:
+        agent.kill(ALL_TASKS, 0, Failure.INTERRUPTED, hard=True)
+        wait_for(lambda: agent.step() or not agent.busy, 10, 0.01, "the long task's end")
 
 
 def test_a_long_tasks_start_is_reported_once_its_delay_has_passed(tmp_path):
