@@ -6,11 +6,10 @@ pidfds (a finished task wakes it at once) and on the transport's ``wake_fd`` (a 
 master wakes it at once), and probes the transport between waits with the transport's
 back-off; when idle it only polls the transport.
 
-Messages to the master are few: a ``TaskStarted`` waits up to ``STARTED_DELAY_S`` before it
-is sent, and is dropped if the attempt ends first (its ``TaskFinished`` carries the start
-time; the engine takes a launched task straight to its end), so a short task costs one
-message and one engine event. Each loop iteration's messages leave as one batch. Order is
-kept: held starts always go out before any other message.
+Messages to the master are few: a ``TaskStarted`` is held for ``STARTED_DELAY_S`` before it
+is sent, and dropped if the attempt ends first (its ``TaskFinished`` carries the start time;
+the engine takes a launched task straight to its end), so a short task costs one message and
+one engine event. Each loop iteration's messages leave as one batch.
 """
 
 from __future__ import annotations
@@ -90,17 +89,12 @@ class Agent:
         runner = Runner(run, self.watch)
         result = runner.start()
         if isinstance(result, TaskFinished):
-            self.emit(result)
+            self.send(result)
             return
         self.runners[(run.task, run.attempt)] = runner
         if not self.starts:
             self._starts_due = time.monotonic() + self.started_delay
         self.starts[(run.task, run.attempt)] = result
-
-    def emit(self, message) -> None:
-        """Send ``message`` after the starts held back so far (the master sees a start first)."""
-        self._send_starts()
-        self.send(message)
 
     def _send_starts(self) -> None:
         if self.starts:
@@ -147,7 +141,7 @@ class Agent:
             else:
                 self.held.append((now + STOP_HOLD_S, result))
                 return
-        self.emit(result)
+        self.send(result)
 
     def _release_held(self, now: float) -> bool:
         if not self.held:
@@ -155,9 +149,9 @@ class Agent:
         keep = []
         for deadline, result in self.held:
             if self.stop_seen:
-                self.emit(dataclasses.replace(result, failure=Failure.INTERRUPTED))
+                self.send(dataclasses.replace(result, failure=Failure.INTERRUPTED))
             elif now >= deadline:
-                self.emit(result)
+                self.send(result)
             else:
                 keep.append((deadline, result))
         released = len(keep) < len(self.held)
@@ -231,7 +225,7 @@ def _forward_signal(agent: Agent, transport: Transport, signals: Signals | None)
         log.warning("rank %d caught signal %d: interrupting its tasks", transport.rank, signals.signum)
         agent.stop_seen = True
         agent.kill(ALL_TASKS, 0, Failure.INTERRUPTED)
-        agent.emit(Interrupted(transport.rank, signals.signum))
+        agent.send(Interrupted(transport.rank, signals.signum))
         signals.signum = 0
 
 
