@@ -1,15 +1,18 @@
 """Dispatch throughput: null tasks (`true`) through `pilot run` under mpiexec with K agents,
-against a bare loop that spawns the same tasks with the same concurrency, in the same run.
+against bare loops that spawn the same tasks with the same concurrency, in the same run.
 
-    .venv/bin/python benchmarks/bench_dispatch.py [--tasks 3000] [--agents 2] [--cores 2]
+    .venv/bin/python benchmarks/bench_dispatch.py [--tasks 3000] [--agents 2] [--cores 2] [--rounds 3]
 
-Concurrency is agents x cores (every agent rank is an emulated node of `cores` cores). The
-pilot's rate is taken over its dispatch window (first to last task log created: no start-up)
-and end to end (mpiexec start to exit); the goal is a window ratio >= 0.9. CPU per task (all
-processes, tasks included) is printed too: on a busy machine it is steadier than rates. A
-second bare loop writes each task's output to a new log file, as the pilot does: creating
-thousands of files is a large part of the pilot's cost on some file systems (ext4 searching
-for a free inode), so the pilot is also compared with that loop.
+Concurrency is agents x cores (every agent rank is an emulated node of `cores` cores). Each
+round runs, one after the other: a bare loop with ``subprocess.Popen`` and one with
+``os.posix_spawn`` (this machine's fork/exec limit is the faster of the two), both again
+writing each task's output to a new log file as the pilot does, then the pilot. The pilot's rate
+is taken over its dispatch window (first to last task start, from the checkpoint: no start-up);
+its ratio is against the faster bare loop without logs, the goal being >= 0.9.
+
+CPU per task, steadier than rates on a busy machine, is split into the launcher's own (the
+loop; for the pilot every rank and mpiexec, less what a one-task run costs, i.e. start-up) and
+the tasks' (the `true` processes: from wait4 for the pilot, from RUSAGE_CHILDREN for the loops).
 
     .venv/bin/python benchmarks/bench_dispatch.py --slot-gap [--tasks 400] [--agents 2] [--cores 4]
 
@@ -27,11 +30,16 @@ import resource
 import statistics
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -43,64 +51,100 @@ def mpi_env() -> dict:
     return env
 
 
-def cpu_now() -> float:
-    """CPU seconds (user + system) of this process and its waited-for children."""
+def cpu_split() -> tuple[float, float]:
+    """CPU seconds (user + system) of this process, and of its waited-for descendants."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
 
-def bare_loop(tasks: int, concurrency: int, logdir: Path | None = None) -> tuple[float, float]:
-    """Spawn `true` `tasks` times keeping `concurrency` in flight; (tasks/s, CPU ms per task).
+@dataclass
+class Figures:
+    """One loop's result: tasks/s, and CPU ms per task spent by the launcher itself (the
+    loop, or every pilot rank, start-up excluded) and by the tasks."""
 
-    With ``logdir`` each task's output goes to a new file laid out as the pilot's task logs.
-    """
-    cpu0 = cpu_now()
-    began = time.perf_counter()
-    running, started = {}, 0
+    rate: float
+    own_ms: float
+    tasks_ms: float
+
+
+def bare_loop(tasks: int, concurrency: int, spawn: str, logdir: Path | None = None) -> Figures:
+    """Spawn `true` `tasks` times keeping `concurrency` in flight, with subprocess.Popen or
+    os.posix_spawn (``spawn``); with ``logdir`` each task's output goes to a new file laid out
+    as the pilot's task logs."""
+    launch = spawn_popen if spawn == "popen" else spawn_posix
+    (own0, kids0), began = cpu_split(), time.perf_counter()
+    running, started = 0, 0
     while started < tasks or running:
-        while started < tasks and len(running) < concurrency:
-            running_one = spawn_true(started, logdir)
-            running[running_one.pid] = running_one
-            started += 1
-        pid, status = os.wait()
-        running.pop(pid).returncode = os.waitstatus_to_exitcode(status)
-    return tasks / (time.perf_counter() - began), 1e3 * (cpu_now() - cpu0) / tasks
+        while started < tasks and running < concurrency:
+            launch(started, logdir)
+            started, running = started + 1, running + 1
+        os.wait()
+        running -= 1
+    elapsed, (own1, kids1) = time.perf_counter() - began, cpu_split()
+    return Figures(tasks / elapsed, 1e3 * (own1 - own0) / tasks, 1e3 * (kids1 - kids0) / tasks)
 
 
-def spawn_true(i: int, logdir: Path | None) -> subprocess.Popen:
-    if logdir is None:
-        return subprocess.Popen(["true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+def _log_file(i: int, logdir: Path) -> str:
     folder = logdir / f"{i // 1000:05d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f"t{i}.1.log", "ab") as log:
-        return subprocess.Popen(["true"], stdin=subprocess.DEVNULL, stdout=log,
+    if i % 1000 == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+    return str(folder / f"t{i}.1.log")
+
+
+def spawn_popen(i: int, logdir: Path | None) -> None:
+    if logdir is None:
+        proc = subprocess.Popen(["true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+    else:
+        with open(_log_file(i, logdir), "ab") as log:
+            proc = subprocess.Popen(["true"], stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+    proc.returncode = 0   # the loop reaps it with os.wait; keep Popen's finaliser from trying
 
 
-def write_workflow(folder: Path, tasks: int) -> Path:
-    path = folder / "null.json"   # JSON is a YAML subset the loader reads on a fast path
-    body = {"requestMemory": 1, "tasks": [{"id": f"t{i}", "command": ["true"]} for i in range(tasks)]}
-    path.write_text(json.dumps(body))
-    return path
+TRUE = shutil.which("true")
+LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND
 
 
-def pilot_run(folder: Path, wf: Path, tasks: int, agents: int, cores: int) -> tuple[float, float, float]:
-    """Run the pilot; (window tasks/s, end-to-end tasks/s, CPU ms per task of everything)."""
+def spawn_posix(i: int, logdir: Path | None) -> None:
+    out = "/dev/null" if logdir is None else _log_file(i, logdir)
+    os.posix_spawn(TRUE, ["true"], os.environ, setsid=True, file_actions=[
+        (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, out, LOG_FLAGS, 0o644),
+        (os.POSIX_SPAWN_DUP2, 1, 2)])
+
+
+def pilot_run(folder: Path, tasks: int, agents: int, cores: int, command=("true",)) -> tuple[float, float, float]:
+    """Run the pilot on ``tasks`` tasks in ``folder``; (window tasks/s, CPU s of every rank
+    and mpiexec, CPU s of the tasks (from the checkpoint's per-attempt records))."""
+    from pilot.checkpoint import load_checkpoint
+    from pilot.events import State
+
+    folder.mkdir(parents=True)
+    wf = folder / "workflow.json"
+    wf.write_text(json.dumps({"requestMemory": 1, "tasks": [
+        {"id": f"t{i}", "command": list(command)} for i in range(tasks)]}))
     cmd = [str(VENV_BIN / "mpiexec"), "-launcher", "fork", "-n", str(agents + 1), sys.executable, "-m",
            "pilot.cli", "run", str(wf), "--checkpoint", str(folder / "ckpt.h5"), "--node-per-rank",
            "--node-memory", "1000", "--node-cores", str(cores)]
-    cpu0 = cpu_now()
-    began = time.perf_counter()
+    kids0 = cpu_split()[1]
     proc = subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True)
-    total = time.perf_counter() - began
-    cpu = 1e3 * (cpu_now() - cpu0) / tasks
+    everything = cpu_split()[1] - kids0
     if proc.returncode != 0:
         sys.exit(f"pilot run failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    times = sorted(p.stat().st_mtime for p in (folder / "ckpt.h5.logs").rglob("*.log"))
-    assert len(times) == tasks, f"{len(times)} task logs for {tasks} tasks"
-    window = times[-1] - times[0]
-    return (tasks - 1) / window, tasks / total, cpu
+    table = load_checkpoint(folder / "ckpt.h5").table
+    assert int((table.state == State.DONE).sum()) == tasks, "not every task is done"
+    starts = np.sort(table.start)
+    window = max(starts[-1] - starts[0], 1e-9)
+    tasks_cpu = float(table.cpu_s.sum())
+    return (tasks - 1) / window, everything - tasks_cpu, tasks_cpu
+
+
+def pilot_figures(folder: Path, tasks: int, agents: int, cores: int) -> Figures:
+    """The pilot's window rate; its own CPU per task with the start-up (a one-task run) taken out."""
+    rate, own, tasks_cpu = pilot_run(folder / "many", tasks, agents, cores)
+    _, own_one, _ = pilot_run(folder / "one", 1, agents, cores)
+    return Figures(rate, 1e3 * (own - own_one) / (tasks - 1), 1e3 * tasks_cpu / tasks)
 
 
 def slot_gaps(table, cores: int) -> list[float]:
@@ -117,15 +161,11 @@ def slot_gaps(table, cores: int) -> list[float]:
 
 def slot_gap_run(tasks: int, agents: int, cores: int) -> None:
     """``sleep 0.1`` tasks through the pilot; prints the slot gap's median and 90th percentile."""
-    sys.path.insert(0, str(ROOT))
     from pilot.checkpoint import load_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="bench_gap_") as tmp:
         folder = Path(tmp)
-        wf = folder / "sleep.json"
-        wf.write_text(json.dumps({"requestMemory": 1, "tasks": [
-            {"id": f"t{i}", "command": ["sleep", "0.1"]} for i in range(tasks)]}))
-        window, _, cpu = pilot_run(folder, wf, tasks, agents, cores)
+        window, _, _ = pilot_run(folder, tasks, agents, cores, command=("sleep", "0.1"))
         gaps = sorted(slot_gaps(load_checkpoint(folder / "ckpt.h5").table, cores))
     ms = [1e3 * g for g in gaps]
     print(f"sleep 0.1 x {tasks}, agents {agents}, cores {cores}: slot gap median {statistics.median(ms):.1f} ms, "
@@ -133,41 +173,73 @@ def slot_gap_run(tasks: int, agents: int, cores: int) -> None:
           f"load average {os.getloadavg()[0]:.1f}")
 
 
+LOOPS = ("bare Popen", "bare posix_spawn", "bare Popen + logs", "bare posix_spawn + logs", "pilot")
+
+
+def one_round(folder: Path, tasks: int, agents: int, cores: int) -> dict[str, Figures]:
+    """Every loop once, in a fixed order, on the same machine state."""
+    concurrency = agents * cores
+    return {
+        "bare Popen": bare_loop(tasks, concurrency, "popen"),
+        "bare posix_spawn": bare_loop(tasks, concurrency, "posix"),
+        "bare Popen + logs": bare_loop(tasks, concurrency, "popen", folder / "popen.logs"),
+        "bare posix_spawn + logs": bare_loop(tasks, concurrency, "posix", folder / "posix.logs"),
+        "pilot": pilot_figures(folder, tasks, agents, cores),
+    }
+
+
+def file_system(folder: str) -> str:
+    """The type of the file system holding ``folder`` (from /proc/mounts; longest mount prefix)."""
+    best, kind = "", "?"
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            _, point, fs = line.split()[:3]
+            if os.path.realpath(folder).startswith(point.rstrip("/") + "/") and len(point) > len(best):
+                best, kind = point, fs
+            elif point == "/" and not best:
+                kind = fs
+    return kind
+
+
+def report(rounds: list[dict[str, Figures]], args) -> None:
+    med = {name: Figures(*(statistics.median(getattr(r[name], f) for r in rounds)
+                           for f in ("rate", "own_ms", "tasks_ms"))) for name in LOOPS}
+    fastest_bare = max(med[n].rate for n in LOOPS[:2])
+    print(f"{args.tasks} null tasks, {args.agents} agents x {args.cores} cores = concurrency "
+          f"{args.agents * args.cores}, {os.cpu_count()} cpus, median of {len(rounds)} rounds; "
+          f"logs in {tempfile.gettempdir()} ({file_system(tempfile.gettempdir())}); "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'':24s} {'tasks/s':>8s} {'ratio':>6s}  {'own CPU/task':>12s}  {'tasks CPU/task':>14s}  rounds (tasks/s)")
+    for name in LOOPS:
+        f = med[name]
+        per_round = ", ".join(f"{r[name].rate:.0f}" for r in rounds)
+        print(f"{name:24s} {f.rate:8.0f} {f.rate / fastest_bare:6.2f}  {f.own_ms:9.3f} ms  {f.tasks_ms:11.3f} ms  "
+              f"{per_round}")
+    print(f"ratio: against the faster bare loop without logs (the goal is pilot >= 0.9). Own CPU: the loop, "
+          f"or all pilot ranks less a one-task run's (start-up); tasks CPU: the `true` processes.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--agents", type=int, default=2)
     parser.add_argument("--cores", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating bare/pilot rounds (median)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every loop (medians are printed)")
     parser.add_argument("--slot-gap", action="store_true", help="sleep 0.1 tasks: time a freed slot waits")
+    parser.add_argument("--dir", default=None, help="where the runs and their task logs go (default: the "
+                        "system's temporary folder; /dev/shm takes the file system out of the figures)")
     args = parser.parse_args()
+    if args.dir:
+        tempfile.tempdir = args.dir
     if args.slot_gap:
         return slot_gap_run(args.tasks, args.agents, args.cores)
-    concurrency = args.agents * args.cores
-    bares, logged, windows, ends, bare_cpu, pilot_cpu = [], [], [], [], [], []
-    for _ in range(args.rounds):
-        with tempfile.TemporaryDirectory(prefix="bench_dispatch_") as tmp:
-            folder = Path(tmp)
-            wf = write_workflow(folder, args.tasks)
-            rate, cpu = bare_loop(args.tasks, concurrency)
-            bares.append(rate)
-            bare_cpu.append(cpu)
-            logged.append(bare_loop(args.tasks, concurrency, folder / "bare.logs")[0])
-            window, end_to_end, cpu = pilot_run(folder, wf, args.tasks, args.agents, args.cores)
-            windows.append(window)
-            ends.append(end_to_end)
-            pilot_cpu.append(cpu)
-    bare, bare_logs, window, end_to_end = (statistics.median(v) for v in (bares, logged, windows, ends))
-    print(f"tasks {args.tasks}, agents {args.agents}, concurrency {concurrency}, cpus {os.cpu_count()}, "
-          f"median of {args.rounds} alternating rounds")
-    print(f"bare loop          {bare:8.0f} tasks/s   (rounds: {', '.join(f'{b:.0f}' for b in bares)})")
-    print(f"bare loop + logs   {bare_logs:8.0f} tasks/s   (rounds: {', '.join(f'{b:.0f}' for b in logged)}; "
-          f"a new log file per task, as the pilot writes)")
-    print(f"pilot (window)     {window:8.0f} tasks/s   ratio {window / bare:.2f}  (goal >= 0.9); "
-          f"{window / bare_logs:.2f} of the bare loop with logs  (rounds: {', '.join(f'{w:.0f}' for w in windows)})")
-    print(f"pilot (end to end) {end_to_end:8.0f} tasks/s   ratio {end_to_end / bare:.2f}  (includes start-up)")
-    print(f"CPU per task: bare {statistics.median(bare_cpu):.2f} ms, pilot {statistics.median(pilot_cpu):.2f} ms "
-          f"(all ranks + tasks + start-up); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
+    # One folder for every round, removed only at the end: on an ext4 without a journal, creating
+    # files within ~30 s of deleting many scans the deleted inodes, a cost of the clean-up and
+    # not of whichever loop runs next.
+    with tempfile.TemporaryDirectory(prefix="bench_dispatch_") as tmp:
+        rounds = [one_round(Path(tmp) / f"round{k}", args.tasks, args.agents, args.cores)
+                  for k in range(args.rounds)]
+    report(rounds, args)
 
 
 if __name__ == "__main__":
