@@ -164,7 +164,7 @@ def slot_gap_run(tasks: int, agents: int, cores: int) -> None:
     from pilot.checkpoint import load_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="bench_gap_") as tmp:
-        folder = Path(tmp)
+        folder = Path(tmp) / "run"
         window, _, _ = pilot_run(folder, tasks, agents, cores, command=("sleep", "0.1"))
         gaps = sorted(slot_gaps(load_checkpoint(folder / "ckpt.h5").table, cores))
     ms = [1e3 * g for g in gaps]

@@ -310,7 +310,8 @@ class MPITransport(Transport):
                 self.backoff.rung()   # probe now; the message may be a moment behind its ring
 
     def woken(self) -> None:
-        self.doorbell.drain()
+        if self.doorbell.drain():
+            self.backoff.rung()   # the message may be a moment behind its ring: probe again soon
 
     def abort(self, code: int) -> None:
         sys.stderr.flush()
