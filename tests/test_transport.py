@@ -19,8 +19,8 @@ import pytest
 
 from pilot.events import Schedule, TaskStarted
 from pilot.protocol import Shutdown
-from pilot.transport import (Backoff, Doorbell, LocalHub, MPITransport, TransportAborted, doorbell_addresses,
-                             fifo_folder, guarded, ring_targets)
+from pilot.transport import (RING_SLEEP_S, Backoff, Doorbell, LocalHub, MPITransport, TransportAborted,
+                             doorbell_addresses, fifo_folder, guarded, ring_targets)
 from tests.helpers import MPIEXEC, ROOT, mpi_env
 
 # ---- scenarios: each runs on every rank ----------------------------------------------
@@ -91,6 +91,8 @@ def send_wakes_a_sleeping_receiver(t) -> None:
             t.flush()
             readable, _, _ = select.select([t.wake_fd], [], [], 30.0)
             assert readable, f"rank {r}'s send did not ring the receiver's doorbell"
+            t.woken()   # as an agent does after its own select: the next probe must come soon
+            assert t.backoff.next_delay() <= RING_SLEEP_S, "a ring taken outside poll left the long back-off"
             item = t.poll(10.0)
             assert item == (r, TaskStarted(r, 1, r, 0.0)), item
         for r in range(1, t.size):
