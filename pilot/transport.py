@@ -94,11 +94,20 @@ class Doorbell:
         self._epoll = select.epoll()
         self._epoll.register(self.sock.fileno(), select.EPOLLIN)
         if fifo_folder is not None:
-            self.fifo_path = os.path.join(fifo_folder, "bell")
-            os.mkfifo(self.fifo_path, 0o600)
+            self._open_fifo(os.path.join(fifo_folder, "bell"))
+
+    def _open_fifo(self, path: str) -> None:
+        try:
+            os.mkfifo(path, 0o600)
             # read-write: the FIFO never reports end-of-file while no writer has it open
-            self._fifo = os.open(self.fifo_path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-            self._epoll.register(self._fifo, select.EPOLLIN)
+            self._fifo = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as err:   # a file system without FIFOs: peers here ring by UDP too
+            log.info("no doorbell FIFO at %s (%s): same-host peers ring by UDP", path, err)
+            self.fifo_path = path
+            self.unlink_fifo()
+            return
+        self.fifo_path = path
+        self._epoll.register(self._fifo, select.EPOLLIN)
 
     def fileno(self) -> int:
         return self._epoll.fileno()

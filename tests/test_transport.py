@@ -275,6 +275,16 @@ def test_a_fifo_doorbell_rings_through_its_write_end_and_leaves_no_name_behind()
         bell.close()
 
 
+def test_a_doorbell_without_a_fifo_still_rings_by_udp(tmp_path):
+    bell = Doorbell(str(tmp_path / "missing-folder"))   # mkfifo fails: no FIFO, no error
+    try:
+        assert bell.fifo_path is None
+        Doorbell.ring(("127.0.0.1", bell.port))
+        assert bell.wait(10.0)
+    finally:
+        bell.close()
+
+
 def test_doorbell_addresses_use_loopback_here_and_none_when_unresolvable():
     here = socket.gethostname()
     assert doorbell_addresses([(here, 4000), ("no-such-host.invalid", 4001)]) == [("127.0.0.1", 4000), None]
