@@ -432,7 +432,8 @@ class Runner:
     def _classify(self, status: int, cpu_s: float) -> TaskFinished:
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-        if self.reason is not None:
+        if self.reason is not None and code != 0:
+            # exit 0 means the work was done: the kill came after the end, before the reaping
             failure = self.reason
         elif sig == signal.SIGKILL or code == 128 + signal.SIGKILL:
             failure = Failure.OOM if self._oom_fired() else (Failure.SIGNAL if sig else Failure.EXIT)

@@ -107,6 +107,16 @@ def test_segfault_is_a_signal(tmp_path, payload):
     assert (result.failure, result.exit_code, result.signal) == (Failure.SIGNAL, None, signal.SIGSEGV)
 
 
+def test_a_kill_between_a_clean_exit_and_the_reaping_leaves_a_success(tmp_path):
+    runner = Runner(make_run(tmp_path, ["true"]), FAST)
+    runner.start()
+    readable, _, _ = select.select([runner.pidfd], [], [], 30.0)   # exited, not yet reaped
+    assert readable
+    runner.kill(Failure.INTERRUPTED)   # the drain's kill arrives too late to matter
+    result = runner.poll()
+    assert result.failure == Failure.NONE and result.exit_code == 0
+
+
 def test_timeout_kills_the_group(tmp_path, payload):
     marker = tmp_path / "marker"
     runner, result = attempt(tmp_path, [payload, "--sleep", "60", "--child-mem", "1", "--marker", str(marker)],
