@@ -62,9 +62,16 @@ class Agent:
         self.stopped = False
         self.stop_seen = False      # a stop signal reached this rank, or the master drains
         self.held: list[tuple[float, TaskFinished]] = []
-        self.starts: dict[tuple[int, int], TaskStarted] = {}   # (task, attempt): sent when due or before another message
+        self.starts: dict[tuple[int, int], TaskStarted] = {}   # (task, attempt): sent when due or not at all
         self._starts_due = 0.0
         self._next_sample = 0.0
+        # Per loop turn the cost follows what happened, not how many attempts run (a node may
+        # run hundreds): ended attempts come from one epoll of their pidfds, and only attempts
+        # with a timeout or a kill in progress are looked at for time.
+        self._epoll = select.epoll()
+        self._key_of_fd: dict[int, tuple[int, int]] = {}
+        self._timed: set[tuple[int, int]] = set()
+        self._wake_fds: set[int] = set()
 
     @property
     def busy(self) -> bool:
@@ -91,7 +98,12 @@ class Agent:
         if isinstance(result, TaskFinished):
             self.send(result)
             return
-        self.runners[(run.task, run.attempt)] = runner
+        key = (run.task, run.attempt)
+        self.runners[key] = runner
+        self._epoll.register(runner.pidfd, select.EPOLLIN)
+        self._key_of_fd[runner.pidfd] = key
+        if run.timeout:
+            self._timed.add(key)
         if not self.starts:
             self._starts_due = time.monotonic() + self.started_delay
         self.starts[(run.task, run.attempt)] = result
@@ -107,6 +119,7 @@ class Agent:
         for (t, a), runner in self.runners.items():
             if task == ALL_TASKS or (t == task and (attempt == 0 or a == attempt)):
                 runner.kill(failure, hard=hard)
+                self._timed.add((t, a))   # a SIGTERM is followed by SIGKILL after the grace period
 
     def step(self) -> bool:
         """Watch memory and time, report finished attempts; True if any attempt ended."""
@@ -114,18 +127,25 @@ class Agent:
         if self.runners and now >= self._next_sample:
             self._sample()
             self._next_sample = now + self.watch.sample_interval
-        for runner in self.runners.values():
-            runner.check_time(now)
+        for key in self._timed:
+            self.runners[key].check_time(now)
         ended = self._release_held(now)
         if self.starts and now >= self._starts_due:
             self._send_starts()
         for key in self._exited():
-            result = self.runners[key].poll()
+            runner = self.runners[key]
+            pidfd = runner.pidfd
+            result = runner.poll()
             if result is not None:
-                del self.runners[key]
+                self._forget(key, pidfd)
                 self._report(result, now)
                 ended = True
         return ended
+
+    def _forget(self, key: tuple[int, int], pidfd: int) -> None:
+        del self.runners[key]
+        del self._key_of_fd[pidfd]   # the runner closed the pidfd: epoll dropped it already
+        self._timed.discard(key)
 
     def _report(self, result: TaskFinished, now: float) -> None:
         """Send a result (its start, if still held, goes unsaid); one killed by a stop signal
@@ -162,9 +182,8 @@ class Agent:
         """Attempts whose main process has ended (their pidfd is readable): one syscall for all."""
         if not self.runners:
             return []
-        by_fd = {runner.pidfd: key for key, runner in self.runners.items()}
-        readable, _, _ = select.select(list(by_fd), [], [], 0)
-        return [by_fd[fd] for fd in readable]
+        keys = self._key_of_fd
+        return [keys[fd] for fd, _ in self._epoll.poll(0) if fd in keys]
 
     def _sample(self) -> None:
         # An attempt is first sampled one interval after it starts: short tasks cost no scan.
@@ -178,17 +197,17 @@ class Agent:
     def wait(self, timeout: float, wake_fd: int | None = None) -> bool:
         """Sleep up to ``timeout`` s, waking as soon as an attempt ends, a check is due or
         ``wake_fd`` (the transport's) becomes readable; True if ``wake_fd`` is readable."""
-        fds = [] if wake_fd is None else [wake_fd]
+        if wake_fd is not None and wake_fd not in self._wake_fds:
+            self._epoll.register(wake_fd, select.EPOLLIN)
+            self._wake_fds.add(wake_fd)
         if self.runners or self.starts:
-            due = [self._next_sample] + [d for r in self.runners.values() if (d := r.next_deadline)]
+            due = [self._next_sample] + [d for k in self._timed if (d := self.runners[k].next_deadline)]
             if self.starts:
                 due.append(self._starts_due)
             timeout = min(timeout, min(due) - time.monotonic())
-            fds += [r.pidfd for r in self.runners.values() if r.pidfd >= 0]
         if timeout <= 0:
             return False
-        readable, _, _ = select.select(fds, [], [], timeout)
-        return wake_fd is not None and wake_fd in readable
+        return any(fd == wake_fd for fd, _ in self._epoll.poll(timeout))
 
 
 def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchConfig(),
