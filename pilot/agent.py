@@ -133,19 +133,27 @@ class Agent:
         if self.starts and now >= self._starts_due:
             self._send_starts()
         for key in self._exited():
-            runner = self.runners[key]
-            pidfd = runner.pidfd
-            result = runner.poll()
+            result = self._reap(key)
             if result is not None:
-                self._forget(key, pidfd)
                 self._report(result, now)
                 ended = True
         return ended
 
-    def _forget(self, key: tuple[int, int], pidfd: int) -> None:
+    def _reap(self, key: tuple[int, int]) -> TaskFinished | None:
+        """The attempt's result if it has ended (it is then forgotten), else None."""
+        runner = self.runners[key]
+        pidfd = runner.pidfd
+        # Out of the epoll before the runner closes the pidfd: a closed descriptor cannot be
+        # unregistered, and its number comes back with the next attempt's pidfd.
+        self._epoll.unregister(pidfd)
+        result = runner.poll()
+        if result is None:
+            self._epoll.register(pidfd, select.EPOLLIN)
+            return None
         del self.runners[key]
-        del self._key_of_fd[pidfd]   # the runner closed the pidfd: epoll dropped it already
+        del self._key_of_fd[pidfd]
         self._timed.discard(key)
+        return result
 
     def _report(self, result: TaskFinished, now: float) -> None:
         """Send a result (its start, if still held, goes unsaid); one killed by a stop signal
@@ -183,7 +191,7 @@ class Agent:
         if not self.runners:
             return []
         keys = self._key_of_fd
-        return [keys[fd] for fd, _ in self._epoll.poll(0) if fd in keys]
+        return list(dict.fromkeys(keys[fd] for fd, _ in self._epoll.poll(0) if fd in keys))
 
     def _sample(self) -> None:
         # An attempt is first sampled one interval after it starts: short tasks cost no scan.

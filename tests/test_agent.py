@@ -97,3 +97,25 @@ def test_a_long_tasks_start_is_reported_once_its_delay_has_passed(tmp_path):
     finally:
         agent.kill(ALL_TASKS, 0, Failure.INTERRUPTED, hard=True)
         _finished(agent, sent)
+
+
+def test_hundreds_of_short_attempts_are_each_reported_once(tmp_path):
+    """Pidfd numbers come back with each new attempt: every end must be seen once, by its own attempt."""
+    sent, count, slots = [], 400, 8
+    agent = Agent(sent.append, WatchConfig())
+    started = 0
+
+    def step():
+        nonlocal started
+        while started < count and len(agent.runners) < slots:
+            agent.handle(RunTask(started, 1, 0, f"t{started}", "lbl", "n0", ["true"], None,
+                                 str(tmp_path / f"t{started}.log"), 0.0, 100, 1))
+            started += 1
+        if not agent.step():
+            agent.wait(0.05)
+        return sum(isinstance(m, TaskFinished) for m in sent) >= count
+
+    wait_for(step, 120, 0.0, "every result")
+    results = [m for m in sent if isinstance(m, TaskFinished)]
+    assert sorted(m.task for m in results) == list(range(count))
+    assert all(m.failure == Failure.NONE for m in results) and not agent.busy
