@@ -204,7 +204,8 @@ class Agent:
 
     def wait(self, timeout: float, wake_fd: int | None = None) -> bool:
         """Sleep up to ``timeout`` s, waking as soon as an attempt ends, a check is due or
-        ``wake_fd`` (the transport's) becomes readable; True if ``wake_fd`` is readable."""
+        ``wake_fd`` (the transport's) becomes readable; True if something did (maybe ``wake_fd``:
+        the caller then lets the transport look)."""
         if wake_fd is not None and wake_fd not in self._wake_fds:
             self._epoll.register(wake_fd, select.EPOLLIN)
             self._wake_fds.add(wake_fd)
@@ -215,7 +216,10 @@ class Agent:
             timeout = min(timeout, min(due) - time.monotonic())
         if timeout <= 0:
             return False
-        return any(fd == wake_fd for fd, _ in self._epoll.poll(timeout))
+        # select, not epoll.poll: epoll rounds its timeout up to a millisecond, and the
+        # transport's back-off after a ring asks for 50 us
+        readable, _, _ = select.select([self._epoll], [], [], timeout)
+        return bool(readable)
 
 
 def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchConfig(),
