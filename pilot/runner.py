@@ -269,25 +269,26 @@ def spawn(argv: list[str], env: dict, log: str) -> int:
     if not argv:
         raise ValueError("empty command")
     cloexec_from(3)
-    launch, program = _launcher(argv[0], env)
+    program = _program_path(argv[0], env)
     # The child opens the log: the same wall time as opening it here and passing the fd (the
     # agent waits for the exec either way), with fewer system calls made from Python.
     actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
                (os.POSIX_SPAWN_OPEN, 1, log, LOG_FLAGS, 0o644), (os.POSIX_SPAWN_DUP2, 1, 2)]
-    return launch(program, argv, env, file_actions=actions, setsid=True, setsigdef=DEFAULT_SIGNALS,
-                  setsigmask=())
+    return os.posix_spawn(program, argv, env, file_actions=actions, setsid=True,
+                          setsigdef=DEFAULT_SIGNALS, setsigmask=())
 
 
-def _launcher(program: str, env: dict):
-    """``(posix_spawn, program's path)``: the PATH lookup that ``env`` asks for."""
+def _program_path(program: str, env: dict) -> str:
+    """``program`` if it names a path, else where ``env``'s PATH finds it (FileNotFoundError
+    if nowhere)."""
     if "/" in program:
-        return os.posix_spawn, program
+        return program
     path = env.get(b"PATH") if b"PATH" in env else env.get("PATH")
     path = os.fsencode(path) if isinstance(path, str) else path
     found = _which(program, path)
     if found is None:
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
-    return os.posix_spawn, found
+    return found
 
 
 _FOUND: dict[tuple[str, bytes | None], str] = {}
