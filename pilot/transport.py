@@ -112,19 +112,16 @@ class Doorbell:
     def fileno(self) -> int:
         return self._epoll.fileno()
 
-    @staticmethod
-    def ring(target) -> None:
+    def ring(self, target) -> None:
         """Ring a peer: ``target`` is a FIFO's write descriptor, a ``(host, port)`` address,
         or None (no doorbell there). Never blocks or raises."""
         try:
             if isinstance(target, int):
                 os.write(target, b"!")
             elif target is not None:
-                Doorbell._udp.sendto(b"!", target)
+                self.sock.sendto(b"!", target)
         except OSError:
             pass   # a full FIFO or a refused datagram: the peer has rings pending anyway
-
-    _udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)   # rings to other hosts leave here
 
     def drain(self) -> bool:
         """Empty what has been rung; True if anything had been."""

@@ -265,10 +265,10 @@ def test_a_fifo_doorbell_rings_through_its_write_end_and_leaves_no_name_behind()
         bell.unlink_fifo()
         assert not os.path.exists(folder)   # the name is gone, the descriptors still work
         for _ in range(3):
-            Doorbell.ring(targets[0])
+            bell.ring(targets[0])
         assert bell.wait(10.0)
         assert not bell.drain()
-        Doorbell.ring(("127.0.0.1", bell.port))   # a peer on another host rings by UDP
+        bell.ring(("127.0.0.1", bell.port))   # a peer on another host rings by UDP
         assert bell.wait(10.0) and not bell.drain()
         os.close(targets[0])
     finally:
@@ -279,7 +279,7 @@ def test_a_doorbell_without_a_fifo_still_rings_by_udp(tmp_path):
     bell = Doorbell(str(tmp_path / "missing-folder"))   # mkfifo fails: no FIFO, no error
     try:
         assert bell.fifo_path is None
-        Doorbell.ring(("127.0.0.1", bell.port))
+        bell.ring(("127.0.0.1", bell.port))
         assert bell.wait(10.0)
     finally:
         bell.close()
