@@ -106,7 +106,7 @@ class Agent:
             self._timed.add(key)
         if not self.starts:
             self._starts_due = time.monotonic() + self.started_delay
-        self.starts[(run.task, run.attempt)] = result
+        self.starts[key] = result
 
     def _send_starts(self) -> None:
         if self.starts:
