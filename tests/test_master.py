@@ -197,16 +197,19 @@ def _markers(folder: Path, count: int):
     return found if len(found) >= count else None
 
 
-def _stop_when_running(folder: Path, signals: Signals, count: int) -> None:
-    wait_for(lambda: _markers(folder, count), 20, what="tasks running")
-    signals.signum = 15
+def _signal_when(signals: Signals, signum: int, predicate, timeout: float, what: str) -> None:
+    """In a thread: set ``signals.signum`` (as the rank's handler would) once ``predicate()`` holds."""
+    def stop() -> None:
+        wait_for(predicate, timeout, what=what)
+        signals.signum = signum
+
+    threading.Thread(target=stop, daemon=True).start()
 
 
 def test_signal_drains_kills_and_exits_3(tmp_path):
     wf, _ = workflow("long", tmp_path)
     signals = Signals()
-    stopper = threading.Thread(target=_stop_when_running, args=(tmp_path, signals, 6), daemon=True)
-    stopper.start()
+    _signal_when(signals, 15, lambda: _markers(tmp_path, 6), 20, "tasks running")
     began = time.monotonic()
     assert run_local(tmp_path, wf, emulated(2), signals=signals) == 3
     assert time.monotonic() - began < 30
@@ -236,16 +239,10 @@ def test_progress_line_counts():
                     "| memory 30/200 MB")
 
 
-def _stop_after_records(record: Path, signals: Signals, count: int) -> None:
-    wait_for(lambda: len(read_records(record)) >= count, 30, what=f"{count} records")
-    signals.signum = 10
-
-
 def test_resume_after_a_drain_runs_each_task_once(tmp_path):
     wf, record = workflow("packing", tmp_path)
     signals = Signals()
-    stopper = threading.Thread(target=_stop_after_records, args=(record, signals, 3), daemon=True)
-    stopper.start()
+    _signal_when(signals, 10, lambda: len(read_records(record)) >= 3, 30, "3 records")
     assert run_local(tmp_path, wf, emulated(2), signals=signals) == 3
     first = len(read_records(record))
     assert 3 <= first < len(PACKING_IDS)
