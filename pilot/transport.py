@@ -161,14 +161,44 @@ class Doorbell:
             os.close(self._fifo)
 
 
-def fifo_folder() -> str | None:
-    """A new private folder for a doorbell FIFO (in /dev/shm when there is one), or None."""
-    for base in ("/dev/shm", None):
+def fifo_folder(bases=("/dev/shm", None)) -> str | None:
+    """A new private folder for a doorbell FIFO (in /dev/shm when there is one), or None.
+
+    Its name carries this process's pid: a rank killed in the moment between creating its FIFO
+    and unlinking it leaves the folder behind, and the next rank on the host removes it.
+    """
+    for base in bases:
         try:
-            return tempfile.mkdtemp(prefix="pilot-bell-", dir=base)
+            remove_dead_fifo_folders(base or tempfile.gettempdir())
+            return tempfile.mkdtemp(prefix=f"pilot-bell-{os.getpid()}-", dir=base)
         except OSError:
             continue
     return None
+
+
+def remove_dead_fifo_folders(base: str) -> None:
+    """Remove the ``pilot-bell-<pid>-*`` folders in ``base`` whose process is gone."""
+    for entry in os.scandir(base):
+        parts = entry.name.split("-")
+        if len(parts) < 4 or parts[:2] != ["pilot", "bell"] or not parts[2].isdigit():
+            continue
+        if _alive(int(parts[2])):
+            continue
+        for remove, path in ((os.unlink, os.path.join(entry.path, "bell")), (os.rmdir, entry.path)):
+            try:
+                remove(path)
+            except OSError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True   # someone else's process
+    return True
 
 
 def ring_targets(entries: list[tuple[str, int, str | None]]) -> list:

@@ -275,6 +275,19 @@ def test_a_fifo_doorbell_rings_through_its_write_end_and_leaves_no_name_behind()
         bell.close()
 
 
+def test_a_fifo_folder_left_by_a_killed_rank_is_removed_by_the_next(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()   # its pid names no live process now
+    left = tmp_path / f"pilot-bell-{dead.pid}-abc"
+    left.mkdir()
+    os.mkfifo(left / "bell")
+    mine = Path(fifo_folder(bases=(str(tmp_path),)))
+    assert not left.exists()
+    assert mine.exists() and mine.name.startswith(f"pilot-bell-{os.getpid()}-")
+    live = Path(fifo_folder(bases=(str(tmp_path),)))   # the folder of a live rank stays
+    assert mine.exists() and live.exists()
+
+
 def test_a_doorbell_without_a_fifo_still_rings_by_udp(tmp_path):
     bell = Doorbell(str(tmp_path / "missing-folder"))   # mkfifo fails: no FIFO, no error
     try:
