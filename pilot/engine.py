@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from pilot.engine_cluster import Cluster
+from pilot.engine_queue import QueueAhead, queue_ahead
 from pilot.engine_retry import next_attempt
 from pilot.engine_states import ALLOWED_TABLE, IllegalTransition, TransitionLog
 from pilot.events import (Drain, Failure, Launch, NodeLost, Schedule, State, TaskFinished,
@@ -31,7 +32,10 @@ _NONE = int(Failure.NONE)
 class Engine:
     """Task states for one graph on a set of nodes; see the module docstring."""
 
-    def __init__(self, graph, nodes, policy=None, *, max_failures=None, runtime_estimates=None):
+    def __init__(self, graph, nodes, policy=None, *, max_failures=None, runtime_estimates=None,
+                 queue_ahead_s: float = 0.0):
+        """``queue_ahead_s`` > 0: queue ready tasks behind launched ones expected to end within
+        that many seconds (see :mod:`pilot.engine_queue`); the ``Launch`` has ``after`` set."""
         from pilot.policy import DefaultPolicy
 
         n = self._n = graph.size
@@ -56,6 +60,7 @@ class Engine:
         self._trans: list = []
         self._events = 0
         self._drained = self._stalled = False
+        self.queue = QueueAhead(queue_ahead_s)
         self._init_labels(runtime_estimates)
         self.policy = policy if policy is not None else DefaultPolicy()
         self.policy.attach(graph, self.cluster)
@@ -224,6 +229,10 @@ class Engine:
         t = event.task
         if self.cluster.release(t) >= 0:
             self.policy.released(t, event.node)
+        elif t in self.queue.after_of:
+            self._unqueue_early(t)
+        if self.queue.next_of or self.queue.tails:
+            self._hand_off(t, event.end)
         if event.failure == _NONE:
             self._succeeded(t, event)
             return
@@ -281,13 +290,35 @@ class Engine:
     def _node_lost(self, event: NodeLost) -> None:
         if not (0 <= event.node < self.cluster.size) or not self.cluster.up[event.node]:
             return
-        for t in self.cluster.lose(event.node):
-            t = int(t)
+        for t in self.cluster.lose(event.node).tolist():
             self.policy.released(t, event.node)
-            self.attempts[t] -= 1  # a lost attempt does not count
-            self._move(t, R, event.time)
-            self.node_of[t] = -1
-            self.policy.add((t,), self.memory_request)
+            queued = self.queue.drop_chain(t)
+            for q in [t] + queued:
+                if q != t:
+                    self.cluster.running[self._labels[q]] -= 1
+                self.attempts[q] -= 1  # a lost attempt does not count
+                self._move(q, R, event.time)
+                self.node_of[q] = -1
+                self.policy.add((q,), self.memory_request)
+
+    # ---- queue-ahead --------------------------------------------------------------
+
+    def _hand_off(self, t: int, now: float) -> None:
+        """``t``'s attempt ended: the task queued behind it takes its resources."""
+        q = self.queue.ended(t)
+        if q < 0:
+            return
+        node, memory, cpus = self.node_of.item(q), self.memory_request.item(q), self._cpus[q]
+        self.cluster.place(q, node, memory, cpus, self._labels[q], now, counted=True)
+        self.policy.placed(q, node, memory, cpus)
+        tail = (self.queue.chain(q) or [q])[-1]   # the chain moved up: its end may take one more
+        self.queue.offer(tail, self.cluster.label_estimate.item(self._labels[tail]))
+
+    def _unqueue_early(self, t: int) -> None:
+        """A queued ``t`` ended before its predecessor (an agent never reports that; kept
+        consistent all the same): it leaves the chain, the task behind it moves up."""
+        self.queue.unlink(t)
+        self.cluster.running[self._labels[t]] -= 1
 
     # ---- launching ----------------------------------------------------------------
 
@@ -300,6 +331,8 @@ class Engine:
         if self.stopped:
             return []
         launches = [self._launch(t, node, now) for t, node in self.policy.select(self.cluster, now)]
+        if self.queue.tails:
+            launches += queue_ahead(self, now)
         idle = self.cluster.n_active == 0 and self._count[R] > 0
         self._stalled = idle and not launches
         return launches
@@ -315,6 +348,8 @@ class Engine:
         self.node_of[t] = node
         self.start_time[t] = now
         c.place(t, node, memory, cpus, self._labels[t], now)
+        if self.queue.horizon > 0:
+            self.queue.offer(t, c.label_estimate.item(self._labels[t]))
         return Launch(t, attempt, node, memory, cpus)   # positional: half the cost of keywords
 
     def _promote(self, tasks: np.ndarray, now: float) -> None:

@@ -31,12 +31,30 @@ def _check_active(engine) -> None:
     c, n = engine.cluster, engine.cluster.n_active
     active = np.flatnonzero(np.isin(engine.state, (L, U)))
     tasks = np.sort(c.act_task[:n])
-    assert np.array_equal(active, tasks), "launched/running tasks != tasks placed on nodes"
+    queued = np.array(sorted(engine.queue.after_of), dtype=np.int64)
+    assert np.array_equal(active, np.union1d(tasks, queued)) and not np.intersect1d(tasks, queued).size, \
+        "launched/running tasks != tasks placed on nodes + tasks queued behind them"
     order = np.argsort(c.act_task[:n])
     assert np.array_equal(engine.node_of[tasks], c.act_node[:n][order]), "node_of disagrees with placement"
-    labels = np.bincount(engine.graph.label[tasks], minlength=len(c.label_running))
+    _check_queued(engine)
+    labels = np.bincount(engine.graph.label[active], minlength=len(c.label_running))
     assert np.array_equal(labels, c.label_running), "per-label running counts are wrong"
     assert (c.label_running <= c.label_limit).all(), "a concurrency limit is exceeded"
+
+
+def _check_queued(engine) -> None:
+    """A queued task waits, on its predecessor's node, for no more than its predecessor holds,
+    behind a chain that starts at a placed task."""
+    qa, c = engine.queue, engine.cluster
+    assert all(qa.next_of[x] == q for q, x in qa.after_of.items()) and len(qa.next_of) == len(qa.after_of), \
+        "queue-ahead links disagree"
+    for q, x in qa.after_of.items():
+        assert engine.state[q] == L, "a queued task is not LAUNCHED"
+        assert engine.node_of[q] == engine.node_of[x], "a queued task is on another node than its predecessor"
+        assert engine.memory_request[q] <= engine.memory_request[x] and engine._cpus[q] <= engine._cpus[x], \
+            "a queued task needs more than its predecessor holds"
+        assert c.is_active(qa.root(q)), "a queue-ahead chain does not start at a placed task"
+    assert all(engine.state[t] in (L, U) for t in qa.tails), "a finished task may still get a task queued behind"
 
 
 def _check_parents(engine) -> None:

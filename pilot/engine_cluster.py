@@ -32,7 +32,7 @@ class Cluster:
         self.fm = self.memory.tolist()          # free memory (MB) per node
         self.fc = self.cores.tolist()           # free cores per node
         self.up = [True] * len(nodes)           # alive per node
-        self.running = [0] * n_labels           # launched or running tasks per label
+        self.running = [0] * n_labels           # launched (queued included) or running tasks per label
         self.lost = 0   # how many nodes were lost
         self.label_limit = np.full(n_labels, NO_LIMIT, dtype=np.int64)
         self.label_estimate = np.ones(n_labels, dtype=np.float64)  # seconds, never NaN
@@ -75,8 +75,10 @@ class Cluster:
             new[:self.n_active] = old[:self.n_active]
             setattr(self, name, new)
 
-    def place(self, task: int, node: int, memory: int, cpus: int, label: int, start: float) -> None:
-        """Account for ``task`` running on ``node`` from ``start``."""
+    def place(self, task: int, node: int, memory: int, cpus: int, label: int, start: float,
+              counted: bool = False) -> None:
+        """Account for ``task`` running on ``node`` from ``start`` (``counted``: its label's
+        count already holds it, as for a task queued behind another)."""
         i = self.n_active
         if i == len(self.act_task):
             self._grow()
@@ -87,10 +89,15 @@ class Cluster:
         self.n_active = i + 1
         self.fm[node] -= memory
         self.fc[node] -= cpus
-        self.running[label] += 1
+        if not counted:
+            self.running[label] += 1
 
     def set_start(self, task: int, start: float) -> None:
         self.act_start[self._pos.item(task)] = start
+
+    def start_of(self, task: int) -> float:
+        """When placed ``task`` took its resources."""
+        return self.act_start.item(self._pos.item(task))
 
     def release(self, task: int) -> int:
         """Give back ``task``'s resources; returns its node (-1 if it was not placed)."""

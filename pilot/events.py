@@ -96,6 +96,7 @@ class Launch:
     node: int
     memory_mb: int    # the request for this attempt (after memory scaling)
     cpus: int
+    after: int = -1   # start when this task's current attempt ends (its reservation passes on); -1: now
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ A policy keeps its own queue of ready tasks and answers one question. The interf
     policy.add(tasks, memory_request) # these tasks became ready; memory_request[t] is t's request
     policy.released(task, node)       # an active task left its node (finished, requeued, lost)
     policy.select(cluster, now)       # -> [(task, node), ...]; the chosen tasks leave the queue
+    policy.select_successors(cluster, slots, now)   # -> [(task, slot task), ...]: queue-ahead
     policy.queued()                   # how many tasks the queue holds
 
 ``cluster`` is the engine's :class:`pilot.engine_cluster.Cluster` (read-only here). A
@@ -163,6 +164,39 @@ class Policy:
         """The node for a task of ``m`` MB and ``k`` cpus, or -1."""
         raise NotImplementedError
 
+    def select_successors(self, cluster, slots, now: float) -> list[tuple[int, int]]:
+        """Tasks to queue behind launched ones: for each slot ``(task, node, memory, cpus,
+        free_at)`` in turn (a launched task expected to free that much at ``free_at``), the
+        best queued task needing no more than the slot holds; ``[(queued task, slot task)]``,
+        the chosen tasks leaving the queue. Label limits count the picks, and nothing expected
+        to end after ``cluster.latest_end`` is picked. See :mod:`pilot.engine_queue`."""
+        q = self.q
+        running, limit = cluster.running[:], cluster.label_limit.tolist()
+        est, latest = cluster.label_estimate.tolist(), cluster.latest_end
+        picks = []
+        for x, node, m_slot, k_slot, free_at in slots:
+            if not q.size:
+                break
+            best, best_c = -1, -1
+            for c, heap in enumerate(q.heaps):
+                if heap and q.mem[c] <= m_slot and q.cpus[c] <= k_slot and (best < 0 or heap[0] < best):
+                    lab = q.label[c]
+                    if running[lab] < limit[lab] and free_at + est[lab] <= latest:
+                        best, best_c = heap[0], c
+            if best < 0:
+                continue
+            t, lab = self.task_of.item(best), q.label[best_c]
+            if not self.may_queue(t, node, free_at + est[lab]):
+                continue
+            picks.append((t, x))
+            running[lab] += 1
+            q.pop(best_c)
+        return picks
+
+    def may_queue(self, task: int, node: int, expected_end: float) -> bool:
+        """Whether ``task`` may be queued on ``node`` to end at about ``expected_end``."""
+        return True
+
     def head(self, task: int) -> None:
         """Called with the best eligible queued task of each selection, before its fit."""
 
@@ -233,6 +267,11 @@ class DefaultPolicy(Policy):
             if best < 0 or left_m < best_m or (left_m == best_m and left_c < best_c):
                 best, best_m, best_c = j, left_m, left_c
         return best
+
+    def may_queue(self, task: int, node: int, expected_end: float) -> bool:
+        # like backfill: the node held for a blocked head takes only what ends before its time
+        res = self.reservation
+        return res is None or res[1] != node or res[0] == task or expected_end <= res[2]
 
     def head(self, task: int) -> None:
         if self.reservation is not None and self.reservation[0] != task:

@@ -5,7 +5,10 @@ Runtimes come from a per-task array, a ``{task id or label: seconds}`` table, or
 The engine is told the per-label mean runtimes (as a previous run's report would tell it)
 unless ``estimates=False``, in which case it learns them as tasks finish. Failures can be
 injected (``peak_mb``: an attempt whose request is below the task's peak fails with OOM;
-``outcome``: any other rule). See docs/scheduling.md.
+``outcome``: any other rule). With ``queue_ahead_s`` a launch queued behind another task
+starts when that task ends, as an agent does. Every start is checked against the node's real
+capacity (what the started attempts request), independently of the engine's accounting.
+See docs/scheduling.md.
 """
 
 from __future__ import annotations
@@ -140,6 +143,11 @@ def lower_bound(graph, nodes, runtimes: np.ndarray) -> float:
 class _Sim:
     def __init__(self, engine, runtimes, peak_mb, outcome, started, check, batch=1):
         self.engine, self.check, self.batch = engine, check, batch
+        self.queued: dict[tuple[int, int], list] = {}   # (task, node) -> launches waiting for it to end
+        self.behind: list = []                # queued launches whose predecessor just ended
+        self.live: dict[tuple[int, int, int], tuple[int, int]] = {}   # started (task, attempt, node): (MB, cpus)
+        self.used_mb = [0] * len(engine.nodes)
+        self.used_cpus = [0] * len(engine.nodes)
         self.runtimes = runtimes.tolist()
         self.peak = peak_mb.tolist() if peak_mb is not None else None
         self.outcome, self.started = outcome, started
@@ -172,13 +180,26 @@ class _Sim:
     def launch(self, actions, now: float) -> None:
         for a in actions:
             self.launches += 1
-            seconds = self.runtimes[a.task]
-            failure, code = self._outcome(a)
-            self.mem_s += a.memory_mb * seconds
-            self.core_s += a.cpus * seconds
-            self.push(now + seconds, _FINISH, (a.task, a.attempt, a.node, failure, code, now))
-            if self.started:
-                self.handle(TaskStarted(a.task, a.attempt, a.node, now))
+            if a.after >= 0:
+                self.queued.setdefault((a.after, a.node), []).append(a)
+                continue
+            self.start(a, now)
+
+    def start(self, a, now: float) -> None:
+        """Start one attempt now (its end goes on the heap), on a node with room for it."""
+        node, nodes = a.node, self.engine.nodes
+        self.used_mb[node] += a.memory_mb
+        self.used_cpus[node] += a.cpus
+        if self.used_mb[node] > nodes[node].memory_mb or self.used_cpus[node] > nodes[node].cores:
+            raise AssertionError(f"node {node} over-committed at t={now} by task {a.task}")
+        self.live[(a.task, a.attempt, node)] = (a.memory_mb, a.cpus)
+        seconds = self.runtimes[a.task]
+        failure, code = self._outcome(a)
+        self.mem_s += a.memory_mb * seconds
+        self.core_s += a.cpus * seconds
+        self.push(now + seconds, _FINISH, (a.task, a.attempt, a.node, failure, code, now))
+        if self.started:
+            self.handle(TaskStarted(a.task, a.attempt, a.node, now))
 
     def _outcome(self, a) -> tuple[Failure, int | None]:
         if self.peak is not None and a.memory_mb < self.peak[a.task]:
@@ -197,6 +218,14 @@ class _Sim:
                 self.launch(self.handle_many(events), self.now)
             else:
                 self.launch(self.handle(self.next_event()), self.now)
+            self.start_behind()
+
+    def start_behind(self) -> None:
+        """Start what was queued behind the attempts that just ended (after the engine saw the ends)."""
+        while self.behind:
+            behind, self.behind = self.behind, []
+            for a in behind:
+                self.start(a, self.now)
 
     def next_event(self):
         when, _, kind, payload = heapq.heappop(self.heap)
@@ -204,15 +233,21 @@ class _Sim:
         if kind == _FINISH:
             t, attempt, node, failure, code, start = payload
             self.last_end = when
+            mb, cpus = self.live.pop((t, attempt, node))
+            self.used_mb[node] -= mb
+            self.used_cpus[node] -= cpus
+            self.behind.extend(self.queued.pop((t, node), ()))
             return TaskFinished(t, attempt, node, failure, code, None, start, when)
         if kind == _DRAIN:
             return Drain(when, "simulated")
+        for key in [k for k in self.queued if k[1] == payload]:   # a lost node's agent starts nothing more
+            del self.queued[key]
         return NodeLost(payload, when)
 
 
 def simulate(graph, nodes, policy=None, runtimes=None, *, estimates=True, peak_mb=None,
              outcome=None, started=False, check=None, max_failures=None, deadline=None,
-             margin_s=0.0, drain_at=None, lose=(), setup=None, batch=1) -> SimResult:
+             margin_s=0.0, drain_at=None, lose=(), setup=None, batch=1, queue_ahead_s=0.0) -> SimResult:
     """Run ``graph`` on ``nodes`` in simulated time and return the figures.
 
     ``runtimes``: seconds per task (default 1 s each). ``estimates``: give the engine the
@@ -224,12 +259,14 @@ def simulate(graph, nodes, policy=None, runtimes=None, *, estimates=True, peak_m
     ``lose``: [(time, node)] node losses. ``setup(engine)`` runs once before the first
     event (e.g. to add listeners). ``batch`` > 1: hand up to that many of the earliest
     waiting events to one ``Engine.handle_many`` (``check`` then runs after each batch).
+    ``queue_ahead_s``: the engine's queue-ahead horizon (0: off).
     """
     runtimes = np.ones(graph.size) if runtimes is None else np.asarray(runtimes, dtype=np.float64)
     if estimates is True:
         estimates = label_means(graph, runtimes)
     engine = Engine(graph, nodes, policy, max_failures=max_failures,
-                    runtime_estimates=estimates if estimates is not False else None)
+                    runtime_estimates=estimates if estimates is not False else None,
+                    queue_ahead_s=queue_ahead_s)
     if deadline is not None:
         engine.set_deadline(deadline, margin_s)
     if setup is not None:

@@ -18,6 +18,7 @@ from pilot.simulate import simulate
 
 P, R, L, U, D, F, X = (int(s) for s in State)
 UNCOUNTED = (Failure.INTERRUPTED, Failure.LOST)
+QUEUE_AHEAD = st.sampled_from([0.0, 2.0, 100.0])   # off, short tasks only, every task
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -151,17 +152,30 @@ def assert_outcome_consistent(engine) -> None:
 
 
 @SETTINGS
-@given(workloads(), st.booleans())
-def test_random_runs_keep_every_invariant(w, started):
-    result, checker = run_checked(w, DefaultPolicy(), started=started)
+@given(workloads(), st.booleans(), QUEUE_AHEAD)
+def test_random_runs_keep_every_invariant(w, started, queue_ahead):
+    result, checker = run_checked(w, DefaultPolicy(), started=started, queue_ahead_s=queue_ahead)
     assert_outcome_consistent(result.engine)
     assert (checker.launches[result.engine.state == X] == 0).all()
+    assert not result.engine.queue.after_of and not result.engine.queue.tails
 
 
 @SETTINGS
-@given(workloads(), st.floats(0.0, 8.0))
-def test_drain_stops_launching_and_leaves_exit_3(w, when):
-    result, checker = run_checked(w, DefaultPolicy(), drain_at=when)
+@given(workloads(), st.floats(0.0, 6.0), QUEUE_AHEAD)
+def test_queued_tasks_of_a_lost_node_go_back_to_ready(w, when, queue_ahead):
+    """A node lost mid-run takes its queued tasks with it: they run elsewhere, uncounted."""
+    nodes = w.nodes + [Node("spare", max(n.memory_mb for n in w.nodes), max(n.cores for n in w.nodes))]
+    checker = Checker(w.graph, nodes)
+    result = simulate(w.graph, nodes, DefaultPolicy(), w.runtimes, peak_mb=w.peak, outcome=w.outcome,
+                      check=checker, setup=checker.bind, lose=[(when, 0)], queue_ahead_s=queue_ahead)
+    assert_outcome_consistent(result.engine)
+    assert not result.engine.queue.after_of
+
+
+@SETTINGS
+@given(workloads(), st.floats(0.0, 8.0), QUEUE_AHEAD)
+def test_drain_stops_launching_and_leaves_exit_3(w, when, queue_ahead):
+    result, checker = run_checked(w, DefaultPolicy(), drain_at=when, queue_ahead_s=queue_ahead)
     e = result.engine
     assert e.finished
     launched_after = [t for t, tm, new in _launch_times(e) if tm > when]
@@ -171,9 +185,10 @@ def test_drain_stops_launching_and_leaves_exit_3(w, when):
 
 
 @SETTINGS
-@given(workloads(), st.floats(0.5, 10.0), st.floats(0.0, 2.0))
-def test_deadline_launches_only_work_expected_to_end_in_time(w, deadline, margin):
-    result, checker = run_checked(w, DefaultPolicy(), deadline=deadline, margin_s=margin)
+@given(workloads(), st.floats(0.5, 10.0), st.floats(0.0, 2.0), QUEUE_AHEAD)
+def test_deadline_launches_only_work_expected_to_end_in_time(w, deadline, margin, queue_ahead):
+    result, checker = run_checked(w, DefaultPolicy(), deadline=deadline, margin_s=margin,
+                                  queue_ahead_s=queue_ahead)
     e = result.engine
     assert all(end <= deadline - margin for end in checker.expected_ends)
     left = np.isin(e.state, (P, R)).any()
