@@ -114,6 +114,9 @@ def spawn_posix(i: int, logdir: Path | None) -> None:
         (os.POSIX_SPAWN_DUP2, 1, 2)])
 
 
+PILOT_OPTIONS: list[str] = []   # more `pilot run` options (--pilot-option)
+
+
 def pilot_run(folder: Path, tasks: int, agents: int, cores: int, command=("true",)) -> tuple[float, float, float]:
     """Run the pilot on ``tasks`` tasks in ``folder``; (window tasks/s, CPU s of every rank
     and mpiexec, CPU s of the tasks (from the checkpoint's per-attempt records))."""
@@ -126,7 +129,7 @@ def pilot_run(folder: Path, tasks: int, agents: int, cores: int, command=("true"
         {"id": f"t{i}", "command": list(command)} for i in range(tasks)]}))
     cmd = [str(VENV_BIN / "mpiexec"), "-launcher", "fork", "-n", str(agents + 1), sys.executable, "-m",
            "pilot.cli", "run", str(wf), "--checkpoint", str(folder / "ckpt.h5"), "--node-per-rank",
-           "--node-memory", "1000", "--node-cores", str(cores)]
+           "--node-memory", "1000", "--node-cores", str(cores), *PILOT_OPTIONS]
     kids0 = cpu_split()[1]
     proc = subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True)
     everything = cpu_split()[1] - kids0
@@ -228,7 +231,10 @@ def main() -> None:
     parser.add_argument("--slot-gap", action="store_true", help="sleep 0.1 tasks: time a freed slot waits")
     parser.add_argument("--dir", default=None, help="where the runs and their task logs go (default: the "
                         "system's temporary folder; /dev/shm takes the file system out of the figures)")
+    parser.add_argument("--pilot-option", action="append", default=[], metavar="OPT",
+                        help="pass OPT to `pilot run` (repeat; e.g. --pilot-option=--queue-ahead=0)")
     args = parser.parse_args()
+    PILOT_OPTIONS.extend(args.pilot_option)
     if args.dir:
         tempfile.tempdir = args.dir
     if args.slot_gap:

@@ -6,6 +6,11 @@ pidfds (a finished task wakes it at once) and on the transport's ``wake_fd`` (a 
 master wakes it at once), and probes the transport between waits with the transport's
 back-off; when idle it only polls the transport.
 
+A ``RunTask`` with ``after`` set (queue-ahead, see :mod:`pilot.engine_queue`) waits here until
+the attempt of task ``after`` ends, and starts as that end is reported, in its cores and memory;
+if the run is stopping by then it is not started and is reported interrupted. Either way its
+fate follows the report of the task it waited for, in the same order the master reads them.
+
 Messages to the master are few: a ``TaskStarted`` is held for ``STARTED_DELAY_S`` before it
 is sent, and dropped if the attempt ends first (its ``TaskFinished`` carries the start time;
 the engine takes a launched task straight to its end), so a short task costs one message and
@@ -63,6 +68,8 @@ class Agent:
         self.stop_seen = False      # a stop signal reached this rank, or the master drains
         self.held: list[tuple[float, TaskFinished]] = []
         self.starts: dict[tuple[int, int], TaskStarted] = {}   # (task, attempt): sent when due or not at all
+        self.waiting: dict[int, list[RunTask]] = {}   # task -> RunTasks queued to start when it ends
+        self.unreported: set[int] = set()   # tasks running, queued or ended but not yet reported
         self._starts_due = 0.0
         self._next_sample = 0.0
         # Per loop turn the cost follows what happened, not how many attempts run (a node may
@@ -81,7 +88,11 @@ class Agent:
     def handle(self, message) -> None:
         """Act on a message from the master."""
         if isinstance(message, RunTask):
-            self._start(message)
+            if message.after >= 0 and message.after in self.unreported:
+                self.waiting.setdefault(message.after, []).append(message)
+                self.unreported.add(message.task)
+            else:   # not queued, or what it waited for has already been reported
+                self._begin(message)
         elif isinstance(message, Kill):
             if message.task == ALL_TASKS and message.failure == Failure.INTERRUPTED:
                 self.stop_seen = True
@@ -92,11 +103,21 @@ class Agent:
         else:
             log.warning("agent ignores %r", message)
 
+    def _begin(self, run: RunTask) -> None:
+        """Start ``run``, or report it interrupted if the run is stopping."""
+        if self.stop_seen or self.stopped:
+            now = time.time()
+            self._send_result(TaskFinished(run.task, run.attempt, run.node, Failure.INTERRUPTED,
+                                           None, None, now, now))
+        else:
+            self._start(run)
+
     def _start(self, run: RunTask) -> None:
+        self.unreported.add(run.task)
         runner = Runner(run, self.watch)
         result = runner.start()
         if isinstance(result, TaskFinished):
-            self.send(result)
+            self._send_result(result)
             return
         key = (run.task, run.attempt)
         self.runners[key] = runner
@@ -169,7 +190,14 @@ class Agent:
             else:
                 self.held.append((now + STOP_HOLD_S, result))
                 return
+        self._send_result(result)
+
+    def _send_result(self, result: TaskFinished) -> None:
+        """Report an ended attempt, then begin what was queued behind it."""
         self.send(result)
+        self.unreported.discard(result.task)
+        for run in self.waiting.pop(result.task, ()):
+            self._begin(run)
 
     def _release_held(self, now: float) -> bool:
         if not self.held:
@@ -177,9 +205,9 @@ class Agent:
         keep = []
         for deadline, result in self.held:
             if self.stop_seen:
-                self.send(dataclasses.replace(result, failure=Failure.INTERRUPTED))
+                self._send_result(dataclasses.replace(result, failure=Failure.INTERRUPTED))
             elif now >= deadline:
-                self.send(result)
+                self._send_result(result)
             else:
                 keep.append((deadline, result))
         released = len(keep) < len(self.held)

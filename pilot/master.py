@@ -79,15 +79,18 @@ def group_nodes(hellos: list[Hello]) -> tuple[list[Node], list[list[int]]]:
 
 
 def progress_line(engine, nodes: list[Node]) -> str:
-    """``done/total running failed``, nodes busy and memory in use, on one line."""
+    """``done/total running queued failed``, nodes busy and memory in use, on one line
+    (tasks queued ahead hold no memory yet: they count as queued, not running)."""
     state = engine.state
     running = (state == State.LAUNCHED) | (state == State.RUNNING)
+    queued = np.fromiter(engine.queue.after_of, dtype=np.int64, count=len(engine.queue.after_of))
+    running[queued] = False
     busy = len(np.unique(engine.node_of[running])) if running.any() else 0
     used = int(engine.memory_request[running].sum())
     total = sum(n.memory_mb for n in nodes)
     counts = np.bincount(state, minlength=len(State))
     return (f"progress: done {counts[State.DONE]}/{len(state)} running {int(running.sum())} "
-            f"ready {counts[State.READY]} failed {counts[State.FAILED]} "
+            f"queued {len(queued)} ready {counts[State.READY]} failed {counts[State.FAILED]} "
             f"dep_fail {counts[State.DEP_FAIL]} | nodes busy {busy}/{len(nodes)} "
             f"| memory {used}/{total} MB")
 
@@ -108,6 +111,7 @@ class Master:
         self.load = collections.Counter()                     # rank -> running attempts
         self.rank_of: dict[tuple[int, int], int] = {}         # (task, attempt) -> rank
         self.drained_at: float | None = None
+        self.launches = self.queued_ahead = 0
         self.backoff = Backoff()
         self._next_progress = time.monotonic() + options.progress_interval
 
@@ -125,6 +129,7 @@ class Master:
                 log.error("agents did not report their killed tasks within %.0f s", DRAIN_TIMEOUT_S)
                 break
         log.info("%s", progress_line(self.engine, self.nodes))
+        log.info("launches: %d, of which %d queued ahead", self.launches, self.queued_ahead)
         return self.engine.exit_code()
 
     def _next_message(self):
@@ -212,9 +217,13 @@ class Master:
     # -- launches --
 
     def _dispatch(self, launches) -> None:
+        self.launches += len(launches)
         for launch in launches:
-            ranks = self.node_ranks[launch.node]
-            rank = min(ranks, key=lambda r: self.load[r])
+            if launch.after >= 0:   # queued: to the rank whose task it follows
+                self.queued_ahead += 1
+                rank = self.rank_of[(launch.after, self.engine.attempts.item(launch.after))]
+            else:
+                rank = min(self.node_ranks[launch.node], key=lambda r: self.load[r])
             self.load[rank] += 1
             self.rank_of[(launch.task, launch.attempt)] = rank
             self._send(rank, self.run_task(launch))
@@ -225,7 +234,7 @@ class Master:
         return RunTask(t, launch.attempt, launch.node, g.ids[t], g.labels[g.label[t]],
                        self.nodes[launch.node].name, g.commands[t], g.env[t],
                        log_path(self.options.logdir, t, g.ids[t], launch.attempt),
-                       float(g.timeout[t]), int(launch.memory_mb), int(launch.cpus))
+                       float(g.timeout[t]), int(launch.memory_mb), int(launch.cpus), launch.after)
 
     def _send(self, rank: int, message) -> None:
         if rank == self.transport.rank and self.local is not None:
@@ -253,6 +262,7 @@ class RunConfig:
     butler: str | None = None           # QuantumGraph runs: the repository
     bps_config: str | None = None       # QuantumGraph runs: BPS YAML with the requests
     lsst_mode: str = "warm"             # QuantumGraph runs: warm or subprocess
+    queue_ahead_s: float = 0.0          # see pilot.engine_queue (0: off)
 
 
 def wall_margin(deadline: float, start: float) -> float:
@@ -315,7 +325,7 @@ def _open_checkpoint(config: RunConfig, graph):
 def _make_engine(config: RunConfig, graph, nodes, checkpoint, margin_s: float):
     from pilot.engine import Engine
 
-    engine = Engine(graph, nodes, max_failures=config.max_failures)
+    engine = Engine(graph, nodes, max_failures=config.max_failures, queue_ahead_s=config.queue_ahead_s)
     if checkpoint.restored is not None:
         engine.restore(*checkpoint.restored)
     # attach: the scaled memory request, attempt and node of a launch are the engine's decisions,

@@ -45,6 +45,7 @@ class RunTask:
     timeout: float         # seconds, 0 = none
     memory_mb: int
     cpus: int
+    after: int = -1        # start when this task's attempt here ends (queue-ahead); -1: now
 
 
 ALL_TASKS = -1

@@ -119,3 +119,55 @@ def test_hundreds_of_short_attempts_are_each_reported_once(tmp_path):
     results = [m for m in sent if isinstance(m, TaskFinished)]
     assert sorted(m.task for m in results) == list(range(count))
     assert all(m.failure == Failure.NONE for m in results) and not agent.busy
+
+
+def _queued(tmp_path, task, after, command) -> RunTask:
+    """A task that writes its start time and waits behind ``after`` (queue-ahead)."""
+    return RunTask(task, 1, 0, f"t{task}", "lbl", "n0", command, None, str(tmp_path / f"t{task}.log"),
+                   0.0, 100, 1, after)
+
+
+def _results(agent, sent, count):
+    def step():
+        agent.step()
+        done = [m for m in sent if isinstance(m, TaskFinished)]
+        return done if len(done) >= count else None
+    return wait_for(step, 10, 0.01, f"{count} results")
+
+
+def test_a_queued_task_starts_when_its_predecessor_ends_and_is_reported_after_it(tmp_path):
+    stamp = "import sys, time; open(sys.argv[1], 'w').write(repr(time.time()))"
+    sent = []
+    agent = Agent(sent.append, WatchConfig())
+    first = tmp_path / "first.end"
+    agent.handle(_queued(tmp_path, 1, -1, ["sh", "-c", f"sleep 0.3; python3 -c \"{stamp}\" {first}"]))
+    agent.handle(_queued(tmp_path, 2, 1, ["python3", "-c", stamp, str(tmp_path / "second.start")]))
+    agent.handle(_queued(tmp_path, 3, 2, ["true"]))
+    assert set(agent.waiting) == {1, 2} and len(agent.runners) == 1   # one runs, two wait
+    results = _results(agent, sent, 3)
+    assert [r.task for r in results] == [1, 2, 3]
+    assert all(r.failure == Failure.NONE for r in results)
+    assert float(first.read_text()) <= float((tmp_path / "second.start").read_text())
+    assert results[0].end <= results[1].start and results[1].end <= results[2].start
+    assert not agent.busy and not agent.unreported
+
+
+def test_a_task_queued_behind_one_already_reported_starts_at_once(tmp_path):
+    sent = []
+    agent = Agent(sent.append, WatchConfig())
+    agent.handle(_queued(tmp_path, 1, -1, ["true"]))
+    _results(agent, sent, 1)
+    agent.handle(_queued(tmp_path, 2, 1, ["true"]))
+    assert len(agent.runners) == 1 and not agent.waiting
+    assert [r.task for r in _results(agent, sent, 2)] == [1, 2]
+
+
+def test_queued_tasks_are_reported_interrupted_unstarted_when_the_run_stops(tmp_path):
+    sent = []
+    agent = Agent(sent.append, WatchConfig())
+    agent.handle(_queued(tmp_path, 1, -1, ["sleep", "30"]))
+    agent.handle(_queued(tmp_path, 2, 1, ["touch", str(tmp_path / "ran")]))
+    agent.handle(Kill(ALL_TASKS, 0, Failure.INTERRUPTED))
+    results = _results(agent, sent, 2)
+    assert [(r.task, r.failure) for r in results] == [(1, Failure.INTERRUPTED), (2, Failure.INTERRUPTED)]
+    assert not (tmp_path / "ran").exists() and not agent.busy

@@ -12,9 +12,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pilot.agent import Signals, run_agent
+from pilot.engine_queue import QueueAhead
 from pilot.errors import UserError
 from pilot.events import Node, State
 from pilot.master import RunConfig, group_nodes, master_main, progress_line, wall_margin
@@ -232,10 +234,15 @@ def test_progress_line_counts():
         import numpy as np
         state = np.array([State.DONE, State.RUNNING, State.LAUNCHED, State.FAILED, State.READY])
         node_of = np.array([0, 1, 1, -1, -1])
-        memory_request = np.array([5, 10, 20, 40, 80])
+        memory_request = np.array([5, 10, 20, 40, 80, 10])
+        queue = QueueAhead(1.0)
 
-    line = progress_line(FakeEngine(), [Node("a", 100, 1), Node("b", 100, 1)])
-    assert line == ("progress: done 1/5 running 2 ready 1 failed 1 dep_fail 0 | nodes busy 1/2 "
+    engine = FakeEngine()
+    engine.state = np.append(engine.state, State.LAUNCHED)   # task 5: queued behind task 1
+    engine.node_of = np.append(engine.node_of, 1)
+    engine.queue.link(5, 1)
+    line = progress_line(engine, [Node("a", 100, 1), Node("b", 100, 1)])
+    assert line == ("progress: done 1/6 running 2 queued 1 ready 1 failed 1 dep_fail 0 | nodes busy 1/2 "
                     "| memory 30/200 MB")
 
 

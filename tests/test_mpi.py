@@ -4,6 +4,7 @@ checked from the tasks' own records."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,6 +51,16 @@ def test_packing_exactly_once_in_order(tmp_path, ranks):
     assert max(peaks.values()) <= 1000
     if ranks >= 3:
         assert len(peaks) >= 2, "work was not spread over the emulated nodes"
+    queued = int(re.search(r"launches: 14, of which (\d+) queued ahead", proc.stderr).group(1))
+    assert queued > 0, "the 0.15 s workers were not queued behind one another"
+
+
+def test_queue_ahead_off_sends_every_task_when_its_node_has_room(tmp_path):
+    wf, record = workflow("packing", tmp_path)
+    proc = run_pilot(3, wf, tmp_path, *NODE, "--queue-ahead", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "launches: 14, of which 0 queued ahead" in proc.stderr
+    assert max(peak_memory_by_node(read_records(record)).values()) <= 1000
 
 
 def test_failures_classified_while_others_go_on(tmp_path):

@@ -34,6 +34,10 @@ def add_arguments(parser) -> None:
                         help="kill a task above X times its memory request (default 1.10)")
     parser.add_argument("--memory-interval", type=float, default=0.5, metavar="SECONDS",
                         help="seconds between memory samples of running tasks (default 0.5)")
+    parser.add_argument("--queue-ahead", type=float, default=0.5, metavar="SECONDS",
+                        help="send a node its next task while a task expected to end within SECONDS "
+                             "runs there, to start the moment that task ends in its cores and memory "
+                             "(default 0.5; 0: never)")
 
 
 def run(args) -> int:
@@ -61,7 +65,8 @@ def run(args) -> int:
         logdir=args.log_dir or f"{args.checkpoint}.logs", max_failures=args.max_failures,
         retry_failed=args.retry_failed, deadline=run_deadline(args.walltime),
         progress_interval=args.progress_interval, watch=watch,
-        butler=args.butler, bps_config=args.bps_config, lsst_mode=args.lsst_mode)
+        butler=args.butler, bps_config=args.bps_config, lsst_mode=args.lsst_mode,
+        queue_ahead_s=args.queue_ahead)
     return guarded(transport, master_main, transport, config, info, signals, expected=(UserError,))
 
 
@@ -70,6 +75,8 @@ def _check(args) -> None:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.queue_ahead < 0:
+        raise UserError(f"--queue-ahead must be 0 or more, got {args.queue_ahead}")
     if args.memory_tolerance < 1.0:
         raise UserError(f"--memory-tolerance must be at least 1.0, got {args.memory_tolerance}")
     if not os.path.exists(args.file):
