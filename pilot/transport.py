@@ -128,14 +128,14 @@ class Doorbell:
         rung = False
         for fd, _ in self._epoll.poll(0):
             rung = True
-            while True:
-                try:
-                    if fd == self._fifo:
-                        os.read(fd, 4096)
-                    else:
-                        self.sock.recv(64)
-                except OSError:
-                    break
+            try:
+                if fd == self._fifo:
+                    os.read(fd, 65536)   # a ring is one byte: one read takes every pending one
+                else:
+                    while True:
+                        self.sock.recv(64)   # a datagram a ring
+            except OSError:
+                pass
         return rung
 
     def wait(self, timeout: float) -> bool:
@@ -330,6 +330,7 @@ class MPITransport(Transport):
     def _receive(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         status = self._MPI.Status()
+        emptied = False
         while True:
             if self.comm.Iprobe(source=self._MPI.ANY_SOURCE, tag=TAG, status=status):
                 source = status.Get_source()
@@ -339,6 +340,13 @@ class MPITransport(Transport):
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
+            if not emptied:
+                # Rings that came while this rank was busy may be for messages it has taken
+                # already: empty the doorbell and probe once more, so that the sleep below ends
+                # on a new ring (a sender rings after its message is visible), not at once.
+                emptied = True
+                if self.doorbell.drain():
+                    continue
             delay = min(self.backoff.next_delay(), left)
             if delay <= 0:
                 os.sched_yield()
