@@ -8,7 +8,9 @@ round runs, one after the other: a bare loop with ``subprocess.Popen`` and one w
 ``os.posix_spawn`` (this machine's fork/exec limit is the faster of the two), both again
 writing each task's output to a new log file as the pilot does, then the pilot. The pilot's rate
 is taken over its dispatch window (first to last task start, from the checkpoint: no start-up);
-its ratio is against the faster bare loop without logs, the goal being >= 0.9.
+its ratio is against the faster bare loop without logs, the goal being >= 0.9. The same ratio is
+also printed round by round (each round's loops run within seconds of each other, so a round's
+ratio drifts less with the machine's load than the medians of whole runs do).
 
 CPU per task, steadier than rates on a busy machine, is split into the launcher's own (the
 loop; for the pilot every rank and mpiexec, less what a one-task run costs, i.e. start-up) and
@@ -218,6 +220,9 @@ def report(rounds: list[dict[str, Figures]], args) -> None:
         per_round = ", ".join(f"{r[name].rate:.0f}" for r in rounds)
         print(f"{name:24s} {f.rate:8.0f} {f.rate / fastest_bare:6.2f}  {f.own_ms:9.3f} ms  {f.tasks_ms:11.3f} ms  "
               f"{per_round}")
+    paired = sorted(r["pilot"].rate / max(r[n].rate for n in LOOPS[:2]) for r in rounds)
+    print(f"pilot / faster bare loop, round by round: {', '.join(f'{x:.2f}' for x in paired)} "
+          f"(median {statistics.median(paired):.2f})")
     print(f"ratio: against the faster bare loop without logs (the goal is pilot >= 0.9). Own CPU: the loop, "
           f"or all pilot ranks less a one-task run's (start-up); tasks CPU: the `true` processes.")
 
