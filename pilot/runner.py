@@ -187,8 +187,26 @@ def task_env(run: RunTask, base=None) -> dict[str, str]:
 
 def _task_envb(run: RunTask) -> dict[bytes, bytes]:
     """:func:`task_env` of the agent's environment, encoded for :func:`spawn`."""
+    if run.env:
+        env = _agent_envb().copy()
+        for key, value in _attempt_vars(run).items():
+            env[key.encode(FS_ENCODING, FS_ERRORS)] = value.encode(FS_ENCODING, FS_ERRORS)
+        return env
+    # Without a task env only the id and the attempt differ between the launches of one label on
+    # one node: the rest is encoded once.
+    env = _shape_envb(run.label, run.node_name, run.memory_mb, run.cpus).copy()
+    env[b"PILOT_TASK_ID"] = run.task_id.encode(FS_ENCODING, FS_ERRORS)
+    env[b"PILOT_ATTEMPT"] = b"%d" % run.attempt
+    return env
+
+
+@functools.lru_cache(maxsize=256)
+def _shape_envb(label: str, node_name: str, memory_mb: int, cpus: int) -> dict[bytes, bytes]:
+    """The agent's encoded environment with the PILOT_* variables that launches of one label on
+    one node share (callers copy it)."""
+    shape = RunTask(0, 0, 0, "", label, node_name, [], None, "", 0.0, memory_mb, cpus)
     env = _agent_envb().copy()
-    for key, value in _attempt_vars(run).items():
+    for key, value in _attempt_vars(shape).items():
         env[key.encode(FS_ENCODING, FS_ERRORS)] = value.encode(FS_ENCODING, FS_ERRORS)
     return env
 
@@ -351,7 +369,7 @@ class Runner:
 
     def _spawn(self):
         """Launch the attempt; an object with the ``pid`` of a child of this process."""
-        _make_dir(os.path.dirname(self.run.log))
+        _make_dir(self.run.log.rpartition("/")[0])
         if self.run.env and self.run.env.get("PILOT_LSST_MODE") == "warm":
             from pilot.lsst.warm import spawn as warm_spawn
 
@@ -361,7 +379,7 @@ class Runner:
         return Spawned(spawn(argv_of(self.run.command), _task_envb(self.run), self.run.log))
 
     def _launch_failed(self, err: Exception) -> TaskFinished:
-        _made_dirs.discard(os.path.dirname(self.run.log))   # made again next time, if it was removed
+        _made_dirs.discard(self.run.log.rpartition("/")[0])   # made again next time, if it was removed
         try:
             with open(self.run.log, "a") as log:
                 log.write(f"pilot: cannot launch {argv_of(self.run.command)!r}: {err}\n")

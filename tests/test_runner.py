@@ -258,19 +258,22 @@ def test_without_close_range_descriptors_are_marked_from_the_fd_listing(tmp_path
 
 def test_agent_environment_drops_mpi_variables_and_both_encodings_agree(tmp_path):
     os.environ["PMI_RANK"] = "3"
-    runner_module._agent_env.cache_clear()
-    runner_module._agent_envb.cache_clear()
+    for cache in (runner_module._agent_env, runner_module._agent_envb, runner_module._shape_envb):
+        cache.cache_clear()
     try:
         run = make_run(tmp_path, "env", env={"WORD": "caf\u00e9", "PATH": "/opt/x:/bin"})
         text = task_env(run)
         assert "PMI_RANK" not in text and text["WORD"] == "caf\u00e9" and text["PATH"] == "/opt/x:/bin"
         assert {os.fsdecode(k): os.fsdecode(v) for k, v in runner_module._task_envb(run).items()} == text
+        plain = make_run(tmp_path, "env")   # without a task env: the shared part comes from a cache
+        assert ({os.fsdecode(k): os.fsdecode(v) for k, v in runner_module._task_envb(plain).items()}
+                == task_env(plain))
         _, result = attempt(tmp_path, "env")
         assert "PMI_RANK=3" not in open(result.log).read().splitlines()
     finally:
         del os.environ["PMI_RANK"]
-        runner_module._agent_env.cache_clear()
-        runner_module._agent_envb.cache_clear()
+        for cache in (runner_module._agent_env, runner_module._agent_envb, runner_module._shape_envb):
+            cache.cache_clear()
 
 
 def test_launches_share_one_read_of_the_oom_counter(tmp_path, monkeypatch, payload):
