@@ -16,7 +16,7 @@ import pytest
 from tests.helpers import MPIEXEC, ROOT, mpi_env, wait_for
 from tests.test_master import (PACKING_EDGES, PACKING_IDS, assert_exactly_once, assert_oom_retried, assert_order,
                                peak_memory_by_node, read_records, workflow)
-from tests.test_runner import pid_gone
+from tests.test_runner import ensure_payload, pid_gone
 from tests.test_transport import cleanup_shm, shm_segments
 
 pytestmark = pytest.mark.mpi
@@ -124,6 +124,49 @@ def test_sigterm_mid_run_exits_3_and_leaves_no_task(tmp_path, ranks):
     assert took < 10, f"took {took:.1f} s"
     assert len(pids) >= 7 and all(pid_gone(p) for p in pids)
     assert "draining: signal 15" in err
+
+
+def test_sigterm_with_tasks_queued_ahead_exits_3_and_a_rerun_redoes_nothing_done(tmp_path):
+    """Short tasks keep tasks queued behind running ones; a SIGTERM drops those unstarted and
+    interrupts the running ones; the rerun finishes the rest and runs no task done before."""
+    from pilot.checkpoint import load_checkpoint
+    from pilot.events import State
+
+    record = tmp_path / "records.txt"
+    ids = [f"s{i:03d}" for i in range(300)]
+    wf = tmp_path / "short.yaml"
+    wf.write_text("requestMemory: 100\ntasks:\n" + "".join(
+        f'  - {{id: {i}, command: ["{ensure_payload()}", "--sleep", "0.02", "--record", "{record}"]}}\n'
+        for i in ids))
+    node = ["--node-per-rank", "--node-memory", "1000", "--node-cores", "2"]
+    before = shm_segments()
+    proc = subprocess.Popen(pilot_cmd(3, wf, tmp_path, *node), cwd=ROOT, env=mpi_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(read_records(record)) >= 60, 60, what="60 tasks done")
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        cleanup_shm(before)
+    assert proc.returncode == 3 and took < 10, err[-3000:]
+    queued = int(re.search(r"launches: \d+, of which (\d+) queued ahead", err).group(1))
+    assert queued > 0
+    table = load_checkpoint(tmp_path / "ckpt.h5").table
+    done_first = {ids[t] for t in range((len(ids))) if table.state[t] == State.DONE}
+    assert 0 < len(done_first) < len(ids)
+    assert not ((table.state == State.LAUNCHED) | (table.state == State.RUNNING)).any()
+    first = len(read_records(record))
+
+    again = run_pilot(3, wf, tmp_path, *node)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rerun = {r.task for r in read_records(record)[first:]}
+    assert not rerun & done_first, "a task done before the signal ran again"
+    assert {r.task for r in read_records(record)} == set(ids)
 
 
 def test_walltime_drains_and_exits_3(tmp_path):

@@ -122,7 +122,7 @@ def test_srun_inside_salloc(slurm_env, tmp_path):
     proc = subprocess.run(
         ["salloc", "-N", "2", "-n", "3", f"--mem={NODE_MB}", "--time=5",
          "srun", "--mpi=pmi2", "pilot", "run", str(workflow), "--checkpoint", str(tmp_path / "ck.h5")],
-        env={**slurm_env, "MPIR_CVAR_CH4_NETMOD": "ofi"},   # as slurm/sites/local.yaml says why
+        env={**slurm_env, "MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp"},   # slurm/sites/local.yaml says why
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = read_records(records_file)

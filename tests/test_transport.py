@@ -75,11 +75,18 @@ def fan_in_keeps_order(t) -> None:
 
 
 def idle_poll_times_out_without_spinning(t) -> None:
+    # Rank 0 polls an idle transport first, then lets the others do the same: ranks start at
+    # different times, and a rank done early must not send into a poll still expected empty.
+    if t.rank != 0:
+        assert t.poll(30.0) == (0, Schedule(0.0))
     cpu0, wall0 = time.thread_time(), time.monotonic()
     assert t.poll(0.5) is None
     cpu, wall = time.thread_time() - cpu0, time.monotonic() - wall0
     assert 0.5 <= wall < 10.0
     assert cpu < 0.25 * wall, f"poll used {cpu:.3f} s of CPU in {wall:.3f} s"
+    if t.rank == 0:
+        for r in range(1, t.size):
+            t.send(r, Schedule(0.0))
     _collect_done(t, t.size - 1)
 
 
