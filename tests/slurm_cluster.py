@@ -48,7 +48,10 @@ def slurm_env():
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
+    from tests.test_transport import cleanup_shm, shm_segments
+
     was_up = _cluster("status", timeout=30).returncode == 0
+    before = shm_segments()
     started = _cluster("start")
     if started.returncode != 0:
         pytest.fail(f"slurm/local-cluster.sh start failed: {started.stderr.strip()}")
@@ -56,6 +59,7 @@ def slurm_env():
     if not was_up:
         stopped = _cluster("stop", timeout=120)
         assert stopped.returncode == 0, stopped.stderr
+    cleanup_shm(before)   # what the ranks of cancelled jobs could not remove
 
 
 def fill_workflow(name: str, folder: Path) -> tuple[Path, Path]:
