@@ -16,6 +16,7 @@ shared).
 
     .venv/bin/python benchmarks/bench_events.py
     .venv/bin/python benchmarks/bench_events.py --tasks 5000 --drp-tasks 2000 --profile
+    .venv/bin/python benchmarks/bench_events.py --queue-ahead 0      # without queue-ahead
 """
 
 from __future__ import annotations
@@ -46,40 +47,55 @@ def null_graph(n: int):
                       memory_mb=1000, command="true")
 
 
+QUEUE_AHEAD_S = [0.0]   # the engine's queue-ahead horizon (--queue-ahead)
+
+
 def make_engine(graph, nodes, folder: str):
     """Engine + checkpoint listener, wired as the master wires them."""
     ckpt = open_checkpoint(Path(folder) / "bench.h5", graph)
-    engine = Engine(graph, nodes)
+    engine = Engine(graph, nodes, queue_ahead_s=QUEUE_AHEAD_S[0])
     ckpt.attach(engine)
     engine.listeners.append(ckpt)
     return engine, ckpt
 
 
 class Agents:
-    """Emulated agents: each launch reports started at once, then finished in launch order."""
+    """Emulated agents: each launch reports started at once, then finished in launch order; a
+    launch queued behind another (queue-ahead) starts as that one finishes."""
 
     def __init__(self):
         self.waiting: collections.deque = collections.deque()   # messages ready for rank 0
         self.running: collections.deque = collections.deque()   # launches not finished yet
+        self.behind: dict = {}                                  # task -> launch queued behind it
         self.clock = 0.0
 
     def launched(self, launches) -> None:
         for a in launches:
+            if a.after >= 0:
+                self.behind[a.after] = a
+                continue
             self.clock += 1e-3
-            self.waiting.append(TaskStarted(a.task, a.attempt, a.node, self.clock))
-            self.running.append((a, self.clock))
+            self.start(a)
+
+    def start(self, a) -> None:
+        self.waiting.append(TaskStarted(a.task, a.attempt, a.node, self.clock))
+        self.running.append((a, self.clock))
+
+    def finish(self, a, start: float) -> None:
+        self.waiting.append(TaskFinished(a.task, a.attempt, a.node, Failure.NONE, 0, None, start, self.clock))
+        nxt = self.behind.pop(a.task, None)
+        if nxt is not None:
+            self.start(nxt)
 
     def next_batch(self, size: int) -> list:
         """Up to ``size`` waiting messages; when none wait, the oldest attempt finishes."""
         if not self.waiting and self.running:
             a, start = self.running.popleft()
             self.clock += 1e-3
-            self.waiting.append(TaskFinished(a.task, a.attempt, a.node, Failure.NONE, 0, None,
-                                             start, self.clock))
+            self.finish(a, start)
             while self.running and len(self.waiting) < size:   # others ending at the same time
                 a, start = self.running.popleft()
-                self.waiting.append(TaskFinished(a.task, a.attempt, a.node, Failure.NONE, 0, None,
-                                                 start, self.clock))
+                self.finish(a, start)
         return [self.waiting.popleft() for _ in range(min(size, len(self.waiting)))]
 
 
@@ -178,9 +194,12 @@ def main(argv=None) -> int:
                         help="most events per handle_many call (when the engine has it)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each case; the least CPU is shown")
     parser.add_argument("--profile", action="store_true", help="print the top functions by own time")
+    parser.add_argument("--queue-ahead", type=float, default=0.5, metavar="SECONDS",
+                        help="the engine's queue-ahead horizon, as `pilot run --queue-ahead` (default 0.5; 0: off)")
     args = parser.parse_args(argv)
+    QUEUE_AHEAD_S[0] = args.queue_ahead
     nodes = [Node(f"n{i}", args.node_memory, args.cores) for i in range(args.nodes)]
-    print(f"{args.nodes} nodes x ({args.node_memory} MB, {args.cores} cores)")
+    print(f"{args.nodes} nodes x ({args.node_memory} MB, {args.cores} cores), queue-ahead {args.queue_ahead} s")
     drp, _ = drp_graph(args.drp_tasks)
     modes = [0] + ([args.batch] if hasattr(Engine, "handle_many") else [])
     for batch in modes:
