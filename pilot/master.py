@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import gc
 import logging
+import sys
 import time
 from dataclasses import dataclass
 
@@ -112,6 +113,7 @@ class Master:
         self.rank_of: dict[tuple[int, int], int] = {}         # (task, attempt) -> rank
         self.drained_at: float | None = None
         self.launches = self.queued_ahead = 0
+        self.unresponsive: list[int] = []   # agent ranks that did not report after a drain
         self.backoff = Backoff()
         self._next_progress = time.monotonic() + options.progress_interval
 
@@ -126,7 +128,9 @@ class Master:
                 self._take_messages(item)
             self._housekeeping()
             if self._drain_expired():
-                log.error("agents did not report their killed tasks within %.0f s", DRAIN_TIMEOUT_S)
+                self.unresponsive = sorted(r for r, n in self.load.items() if n > 0)
+                log.error("agent ranks %s did not report their killed tasks within %.0f s",
+                          self.unresponsive, DRAIN_TIMEOUT_S)
                 break
         log.info("%s", progress_line(self.engine, self.nodes))
         log.info("launches: %d, of which %d queued ahead", self.launches, self.queued_ahead)
@@ -281,6 +285,7 @@ def master_main(transport: Transport, config: RunConfig, info, signals: Signals 
     code = EXIT_INTERRUPTED
     margin = wall_margin(config.deadline, time.time()) if config.deadline else 60.0
     options = MasterOptions(config.logdir, config.progress_interval, config.deadline, margin)
+    master = None
     try:
         engine = _make_engine(config, graph, nodes, checkpoint, margin)
         master = Master(transport, graph, engine, nodes, node_ranks, options,
@@ -289,6 +294,9 @@ def master_main(transport: Transport, config: RunConfig, info, signals: Signals 
         gc.freeze()   # the loaded graph (millions of objects) stays out of every collection
         code = master.run()
     finally:
+        if master is not None and master.unresponsive:
+            checkpoint.close()
+            _leave_without_agents(transport, code)
         _shutdown_all(transport, code)
         checkpoint.close()
     from pilot.lsst.qgraph import finish_run
@@ -335,6 +343,19 @@ def _make_engine(config: RunConfig, graph, nodes, checkpoint, margin_s: float):
     if config.deadline is not None:
         engine.set_deadline(config.deadline, margin_s)
     return engine
+
+
+def _leave_without_agents(transport: Transport, code: int) -> None:
+    """End rank 0 now, the checkpoint closed: an agent that is dead or hung (its rank killed, its
+    node gone) never takes its Shutdown, and waiting for that send, or in MPI_Finalize, would hold
+    the job until Slurm kills it. Under srun (with --kill-on-bad-exit) or mpiexec the launcher
+    then ends the other ranks; the exit code says whether work is left (3: run again)."""
+    log.error("leaving without the unresponsive agents (exit %d)", code)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    transport.leave(code)
 
 
 def _shutdown_all(transport: Transport, code: int) -> None:

@@ -5,8 +5,9 @@ What the script does, in order: asks Slurm for the nodes and for a drain signal 
 limit (``--signal=B:USR1@M``), traps USR1 and TERM and passes USR1 on to pilot rank 0 (or to the
 MPI launcher), runs the site's set-up lines, records its start in ``chain.jsonl``, launches ``pilot run`` with a
 ``--walltime`` that ends ``drain_margin`` seconds before the job's end, and when the pilot exits 3
-(work left) submits its successor with ``--dependency=afterany:<itself>`` until the chain has run
-``max_jobs`` jobs. It records its end (exit code, signals seen, successor) in ``chain.jsonl``.
+(work left), or ends in a crash (any other code: a rank or its node died) after more tasks were
+done than at its start, submits its successor with ``--dependency=afterany:<itself>`` until the
+chain has run ``max_jobs`` jobs. It records its end (exit code, signals seen, successor) in ``chain.jsonl``.
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ record() {{
         "$1" "$SLURM_JOB_ID" "$JOB_INDEX" "$(date +%s)" "${{2:-}}" >>"$CHAIN"
 }}
 
+done_count() {{   # tasks done per the checkpoint; nothing if it cannot be read (yet)
+    {pilot} status "$CHECKPOINT" 2>/dev/null | awk '$1 == "total" {{print $5}}'
+}}
+
 end_epoch() {{
     local end
     end=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null)
@@ -96,6 +101,7 @@ end_epoch() {{
 {setup}
 # ---- run ----
 record start ", \"nodes\": \"$SLURM_JOB_NODELIST\""
+DONE_AT_START=$(done_count)
 END=$(end_epoch)
 walltime=()
 if [ -n "$END" ]; then
@@ -117,8 +123,17 @@ stopped() {{
     # TERM before the time limit is scancel: the user stopped the chain.
     [ -n "$term_at" ] && {{ [ -z "$END" ] || [ "$term_at" -lt "$END" ]; }}
 }}
+# Any other end than the pilot's own (0 all done, 1 tasks failed, 2 bad input, 3 work left) is a
+# crash: a rank, or its node, died. The checkpoint keeps what was done; if this job got further
+# than the last one, the chain goes on (a run that crashes before doing anything does not loop).
+crashed_with_progress() {{
+    case "$rc" in 0|1|2|3) return 1 ;; esac
+    local done_now
+    done_now=$(done_count)
+    [ -n "$done_now" ] && [ "$done_now" -gt "${{DONE_AT_START:-0}}" ]
+}}
 next=
-if [ "$rc" = 3 ] && [ "$JOB_INDEX" -lt "$MAX_JOBS" ] && ! stopped; then
+if {{ [ "$rc" = 3 ] || crashed_with_progress; }} && [ "$JOB_INDEX" -lt "$MAX_JOBS" ] && ! stopped; then
     next=$(sbatch --parsable --dependency="afterany:$SLURM_JOB_ID" "$RUN_DIR/{script}" $((JOB_INDEX + 1)))
     next=${{next%%;*}}
     echo "pilot job: work left; submitted job $next" >&2

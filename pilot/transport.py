@@ -292,6 +292,10 @@ class Transport(ABC):
     def abort(self, code: int) -> None:
         """End every rank of the run with ``code``."""
 
+    def leave(self, code: int) -> None:
+        """End this rank at once with ``code``, waiting for no peer (one may be dead)."""
+        raise TransportAborted(code)
+
     def close(self) -> None:
         """Flush, and finish sends still in flight (before the process exits)."""
         self.flush()
@@ -360,6 +364,10 @@ class MPITransport(Transport):
     def abort(self, code: int) -> None:
         sys.stderr.flush()
         self.comm.Abort(code)
+
+    def leave(self, code: int) -> None:
+        # no MPI_Finalize: it may wait for sends to a dead peer; the launcher ends the others
+        os._exit(code)
 
     def close(self) -> None:
         self.flush()

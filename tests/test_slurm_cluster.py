@@ -8,9 +8,12 @@ derives from Slurm's end time for the job, or by Slurm's USR1 warning signal, wh
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -99,6 +102,42 @@ def test_cancel_drains_and_a_new_submit_resumes(slurm_env, run, tmp_path):
     ends = wait_chain_done(run, job, timeout=120)
     assert [(e["job"], e["exit"]) for e in ends] == [(job, 0)]
     completed_once(read_records(records_file), 64)
+
+
+def test_a_dead_agent_ends_the_job_and_the_chain_resumes(slurm_env, run, tmp_path):
+    """kill -9 of an agent rank (its node gone, as far as the run can tell): srun ends the step
+    (--kill-on-bad-exit), the job script sees a crash after progress and submits the successor,
+    which finishes the work without running again what the first job had done."""
+    from pilot.checkpoint import load_checkpoint
+    from pilot.events import State
+
+    workflow, records_file = fill_workflow("chain", tmp_path)
+    job = _submit_and_wait_for_progress(slurm_env, workflow, run, records_file,
+                                        ("--walltime", "00:05:00", "--resubmit", "3"))
+    os.kill(_rank_pid(run / "checkpoint.h5", 2), signal.SIGKILL)
+    end = wait_for(lambda: chain_end(run, job), 60, what="the first job's end record")
+    assert end["exit"] != 0 and end["next"], end   # 3 if rank 0 drained in time, else killed: a crash
+    table = load_checkpoint(run / "checkpoint.h5").table
+    done_first = {f"t{t:02d}" for t in range(table.size) if table.state[t] == State.DONE}
+    assert 8 <= len(done_first) < 64
+    ends = wait_chain_done(run, job, timeout=180)
+    assert len(ends) == 2 and ends[-1]["exit"] == 0, ends
+    counts = Counter(r["task"] for r in read_records(records_file))
+    assert len(counts) == 64 and all(counts[t] == 1 for t in done_first), counts
+
+
+def _rank_pid(checkpoint: Path, rank: int) -> int:
+    """The pid of the `pilot run` process of ``rank`` working on ``checkpoint``."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (b"python" in argv[0] and b"run" in argv and str(checkpoint).encode() in argv
+                and f"PMI_RANK={rank}".encode() in environ):   # not its bash wrapper
+            return int(proc.name)
+    raise AssertionError(f"no rank {rank} working on {checkpoint}")
 
 
 def _submit_and_wait_for_progress(env, workflow, run, records_file, options) -> str:

@@ -128,7 +128,7 @@ def test_signal_margin_is_half_the_drain_margin():
 
 def test_script_launches_one_agent_per_node_plus_master():
     text = render_script(resolve_site("csd3-icelake"), options(nodes=6))
-    assert "srun --mpi=pmi2 --cpu-bind=none --nodes=6 --ntasks=7 bash -c" in text
+    assert "srun --mpi=pmi2 --kill-on-bad-exit=1 --cpu-bind=none --nodes=6 --ntasks=7 bash -c" in text
     assert 'pilot run "$WORKFLOW" --checkpoint "$CHECKPOINT" --node-cores 76' in text
     assert "source \"$LSST_STACK/loadLSST.bash\"\nsetup lsst_distrib\nexport OMP_NUM_THREADS=1" in text
     assert text.index("setup lsst_distrib") < text.index("srun --mpi")
