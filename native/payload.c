@@ -159,10 +159,20 @@ int main(int argc, char **argv) {
     work(&o);
     if (child > 0) { kill(child, SIGTERM); waitpid(child, NULL, 0); }
     free(buf);
+    /* From the record on, no signal: a kill arriving between the record and the exit (a drain
+       stops every running task) would make a task that recorded its completion look interrupted,
+       and it would run again. */
+    sigset_t all;
+    sigfillset(&all);
+    sigprocmask(SIG_BLOCK, &all, NULL);
     record(&o, start, now());
     if (o.signum > 0) {
+        sigset_t one;
+        sigemptyset(&one);
+        sigaddset(&one, o.signum);
         signal(o.signum, SIG_DFL);
+        sigprocmask(SIG_UNBLOCK, &one, NULL);
         raise(o.signum);
     }
-    return o.exit_code;
+    _exit(o.exit_code);
 }

@@ -252,18 +252,20 @@ class Agent:
 
 def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchConfig(),
               signals: Signals | None = None) -> int:
-    """The loop of an agent rank: say Hello, then run what the master sends until Shutdown."""
+    """The loop of an agent rank: say Hello, then run what the master sends until Shutdown.
+
+    Returns 0: rank 0 alone carries the run's exit code. A launcher that ends the whole step
+    when a rank exits non-zero (``srun --kill-on-bad-exit``, which the site files use so that a
+    dead rank cannot stall a job) would otherwise kill rank 0 while it closes the checkpoint."""
     agent = Agent(lambda message: transport.send(0, message), watch)
     transport.send(0, Hello(transport.rank, info.name, info.memory_mb, info.cores, os.getpid()))
     backoff = transport.backoff   # shared: a doorbell ring seen by poll makes the loop probe eagerly
-    code = 0
     gc.freeze()   # what start-up imported is never garbage: keep collections short
     while not agent.stopped:
         item = transport.poll(0.0 if agent.busy else IDLE_POLL_S)
         got = item is not None
         while item is not None:   # a whole batch from the master before looking at the tasks
             agent.handle(item[1])
-            code = item[1].code if isinstance(item[1], Shutdown) else code
             item = None if agent.stopped else transport.next_buffered()
         if got:
             backoff.activity()
@@ -276,7 +278,7 @@ def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchCo
                 transport.woken()
     _finish(agent)
     transport.close()
-    return code
+    return 0
 
 
 def _forward_signal(agent: Agent, transport: Transport, signals: Signals | None) -> None:

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from pilot.errors import EXIT_USAGE, UserError
+from pilot.errors import UserError
 
 NAME = "run"
 HELP = "run a workflow under mpiexec/srun (rank 0 schedules, other ranks run tasks); resumes from CKPT"
@@ -53,7 +53,7 @@ def run(args) -> int:
     except UserError:
         if transport.rank == 0:
             raise
-        return EXIT_USAGE   # every rank sees the same problem: rank 0 alone reports it
+        return 0   # every rank sees the same problem: rank 0 alone reports it, and exits 2
     _configure_logging(transport.rank)
     signals = Signals().install()
     info = local_node(args.node_memory, args.node_cores, per_rank=args.node_per_rank, rank=transport.rank)
