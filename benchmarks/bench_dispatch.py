@@ -223,8 +223,8 @@ def report(rounds: list[dict[str, Figures]], args) -> None:
     paired = sorted(r["pilot"].rate / max(r[n].rate for n in LOOPS[:2]) for r in rounds)
     print(f"pilot / faster bare loop, round by round: {', '.join(f'{x:.2f}' for x in paired)} "
           f"(median {statistics.median(paired):.2f})")
-    print(f"ratio: against the faster bare loop without logs (the goal is pilot >= 0.9). Own CPU: the loop, "
-          f"or all pilot ranks less a one-task run's (start-up); tasks CPU: the `true` processes.")
+    print("ratio: against the faster bare loop without logs (the goal is pilot >= 0.9). Own CPU: the loop, "
+          "or all pilot ranks less a one-task run's (start-up); tasks CPU: the `true` processes.")
 
 
 def main() -> None:

@@ -34,9 +34,6 @@ class QueueAhead:
         self.after_of: dict[int, int] = {}   # queued task -> the task it waits for
         self.tails: dict[int, None] = {}     # launched tasks that may get one queued behind (ordered)
 
-    def __len__(self) -> int:
-        return len(self.after_of)
-
     def offer(self, task: int, estimate: float) -> None:
         """``task`` was launched or queued: it may get a task queued behind it if it is short
         and its chain has room."""

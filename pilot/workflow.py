@@ -10,7 +10,6 @@ line to report.
 from __future__ import annotations
 
 import gc
-import operator
 import re
 from itertools import chain, repeat
 
