@@ -29,7 +29,7 @@ import time
 
 from pilot.events import Failure, TaskFinished, TaskStarted
 from pilot.nodes import NodeInfo
-from pilot.protocol import ALL_TASKS, Hello, Interrupted, Kill, RunTask, Shutdown
+from pilot.protocol import ALL_TASKS, Hello, Interrupted, Kill, Recall, RunTask, Shutdown
 from pilot.runner import ProcessTable, Runner, WatchConfig
 from pilot.transport import Transport
 
@@ -97,11 +97,30 @@ class Agent:
             if message.task == ALL_TASKS and message.failure == Failure.INTERRUPTED:
                 self.stop_seen = True
             self.kill(message.task, message.attempt, message.failure)
+        elif isinstance(message, Recall):
+            self._recall(message.task, message.attempt)
         elif isinstance(message, Shutdown):
             self.kill(ALL_TASKS, 0, Failure.INTERRUPTED, hard=True)
             self.stopped = True
         else:
             log.warning("agent ignores %r", message)
+
+    def _recall(self, task: int, attempt: int) -> None:
+        """Give a queued task back unstarted (the master runs it elsewhere); what waited behind
+        it moves up behind what it waited for. A task already started is left alone: its own
+        report follows."""
+        before = next((b for b, runs in self.waiting.items()
+                       if any(r.task == task and r.attempt == attempt for r in runs)), None)
+        if before is None:
+            return
+        runs = self.waiting[before]
+        run = next(r for r in runs if r.task == task and r.attempt == attempt)
+        runs.remove(run)
+        runs.extend(self.waiting.pop(task, ()))
+        if not runs:
+            del self.waiting[before]
+        now = time.time()
+        self._send_result(TaskFinished(task, attempt, run.node, Failure.INTERRUPTED, None, None, now, now))
 
     def _begin(self, run: RunTask) -> None:
         """Start ``run``, or report it interrupted if the run is stopping."""

@@ -48,6 +48,7 @@ def _check_queued(engine) -> None:
     qa, c = engine.queue, engine.cluster
     assert all(qa.next_of[x] == q for q, x in qa.after_of.items()) and len(qa.next_of) == len(qa.after_of), \
         "queue-ahead links disagree"
+    assert qa.queued_at.keys() == qa.after_of.keys(), "a queued task has no queueing time, or a placed one has"
     for q, x in qa.after_of.items():
         assert engine.state[q] == L, "a queued task is not LAUNCHED"
         assert engine.node_of[q] == engine.node_of[x], "a queued task is on another node than its predecessor"

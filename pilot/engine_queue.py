@@ -18,6 +18,9 @@ The contract that keeps a node from being over-committed:
   task queued behind them, and chains are at most ``DEPTH`` tasks long behind a running one: a
   queued task waits for at most about ``DEPTH x horizon``, and a task that became ready
   meanwhile with a higher priority waits for at most that long behind it.
+- Estimates can be wrong: rank 0 takes back (``Recall``) a task that has waited longer than
+  ``recall_after`` while another node has room for it; the agent reports it interrupted, unstarted,
+  and it runs elsewhere (``queued_at`` and :meth:`QueueAhead.stale` serve that).
 """
 
 from __future__ import annotations
@@ -33,6 +36,16 @@ class QueueAhead:
         self.next_of: dict[int, int] = {}    # task -> the task queued behind it
         self.after_of: dict[int, int] = {}   # queued task -> the task it waits for
         self.tails: dict[int, None] = {}     # launched tasks that may get one queued behind (ordered)
+        self.queued_at: dict[int, float] = {}   # queued task -> when it was queued
+
+    @property
+    def recall_after(self) -> float:
+        """Seconds a queued task may wait before rank 0 takes it back for a node with room."""
+        return max(1.0, 4 * self.horizon)
+
+    def stale(self, before: float) -> list[int]:
+        """Queued tasks that were queued at or before ``before``."""
+        return [t for t, at in self.queued_at.items() if at <= before]
 
     def offer(self, task: int, estimate: float) -> None:
         """``task`` was launched or queued: it may get a task queued behind it if it is short
@@ -54,10 +67,13 @@ class QueueAhead:
             task = after[task]
         return task
 
-    def link(self, queued: int, behind: int) -> None:
+    def link(self, queued: int, behind: int, now: float | None = None) -> None:
+        """Queue ``queued`` behind ``behind`` (``now``: when it was queued, if it is new here)."""
         self.next_of[behind] = queued
         self.after_of[queued] = behind
         self.tails.pop(behind, None)
+        if now is not None:
+            self.queued_at[queued] = now
 
     def ended(self, task: int) -> int:
         """``task``'s attempt ended: the task to place in its resources now, or -1."""
@@ -65,11 +81,13 @@ class QueueAhead:
         queued = self.next_of.pop(task, -1)
         if queued >= 0:
             del self.after_of[queued]
+            del self.queued_at[queued]
         return queued
 
     def unlink(self, task: int) -> None:
         """Take a queued ``task`` out of its chain; the task behind it moves up to its place."""
         before = self.after_of.pop(task)
+        del self.queued_at[task]
         self.tails.pop(task, None)
         behind = self.next_of.pop(task, -1)
         if behind >= 0:
@@ -84,6 +102,7 @@ class QueueAhead:
             self.tails.pop(t, None)
             self.next_of.pop(t, None)
             self.after_of.pop(t, None)
+            self.queued_at.pop(t, None)
         return queued
 
     def chain(self, task: int) -> list[int]:
@@ -132,7 +151,7 @@ def _queue_round(engine, now: float) -> list:
         engine.node_of[q] = node
         engine.start_time[q] = now
         c.running[labels[q]] += 1
-        qa.link(q, x)
+        qa.link(q, x, now)
         qa.offer(q, est.item(labels[q]))
         launches.append(Launch(q, attempt, node, engine.memory_request.item(q), engine._cpus[q], x))
     return launches

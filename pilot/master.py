@@ -30,7 +30,7 @@ from pilot.agent import Agent, Signals
 from pilot.errors import EXIT_INTERRUPTED, EXIT_USAGE
 from pilot.events import Drain, Failure, Node, Schedule, State, TaskFinished, TaskStarted
 from pilot.graph import Graph
-from pilot.protocol import ALL_TASKS, Hello, Interrupted, Kill, RunTask, Shutdown
+from pilot.protocol import ALL_TASKS, Hello, Interrupted, Kill, Recall, RunTask, Shutdown
 from pilot.runner import WatchConfig, log_path
 from pilot.transport import Backoff, Transport
 
@@ -114,6 +114,8 @@ class Master:
         self.drained_at: float | None = None
         self.launches = self.queued_ahead = 0
         self.unresponsive: list[int] = []   # agent ranks that did not report after a drain
+        self._recalled: set[tuple[int, int]] = set()   # (task, attempt) taken back, not yet reported
+        self._next_recall = 0.0
         self.backoff = Backoff()
         self._next_progress = time.monotonic() + options.progress_interval
 
@@ -156,11 +158,30 @@ class Master:
         deadline = self.options.deadline
         if deadline is not None and self.drained_at is None and now >= deadline - self.options.margin_s:
             self.drain("wall time")
+        if self.engine.queue.queued_at and time.monotonic() >= self._next_recall:
+            self._recall_stale(now)
+            self._next_recall = time.monotonic() + IDLE_POLL_S
         if time.monotonic() >= self._next_progress:
             log.info("%s", progress_line(self.engine, self.nodes))
             self._next_progress = time.monotonic() + self.options.progress_interval
         if self.checkpoint is not None:
             self.checkpoint.tick(now)
+
+    def _recall_stale(self, now: float) -> None:
+        """Take back tasks queued ahead that have waited long (the task ahead runs longer than its
+        label's estimate) when another node has room for them now: they come back interrupted,
+        unstarted, and are placed again."""
+        engine, c = self.engine, self.engine.cluster
+        for q in engine.queue.stale(now - engine.queue.recall_after):
+            key = (q, engine.attempts.item(q))
+            if key in self._recalled or self.drained_at is not None:
+                continue
+            node, memory, cpus = engine.node_of.item(q), engine.memory_request.item(q), int(self.graph.cpus[q])
+            if any(j != node and c.up[j] and c.fm[j] >= memory and c.fc[j] >= cpus for j in range(c.size)):
+                log.info("taking back task %s, queued %.1f s ago behind a task that runs longer than "
+                         "expected: another node has room", self.graph.ids[q], now - engine.queue.queued_at[q])
+                self._recalled.add(key)
+                self._send(self.rank_of[key], Recall(*key))
 
     def _drain_expired(self) -> bool:
         return self.drained_at is not None and time.monotonic() - self.drained_at > DRAIN_TIMEOUT_S
@@ -200,6 +221,7 @@ class Master:
         return self.transport.poll(0.0) if self.transport.size > 1 else None
 
     def _finished(self, message: TaskFinished) -> None:
+        self._recalled.discard((message.task, message.attempt))
         rank = self.rank_of.pop((message.task, message.attempt), None)
         if rank is not None:
             self.load[rank] -= 1

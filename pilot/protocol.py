@@ -5,7 +5,8 @@ below. On the wire a message is a plain tuple of builtins, ``(type code, field v
 with enums as ints: :func:`to_wire` and :func:`from_wire` convert both ways.
 
 Directions: agents send :class:`Hello`, ``TaskStarted``, ``TaskFinished`` and
-:class:`Interrupted`; the master sends :class:`RunTask`, :class:`Kill` and :class:`Shutdown`.
+:class:`Interrupted`; the master sends :class:`RunTask`, :class:`Kill`, :class:`Recall` and
+:class:`Shutdown`.
 """
 
 from __future__ import annotations
@@ -61,6 +62,15 @@ class Kill:
 
 
 @dataclass(frozen=True)
+class Recall:
+    """Give back a task queued ahead, unstarted (it has waited long and another node has room):
+    the agent reports it ``INTERRUPTED``; if it has started already, its own report follows."""
+
+    task: int
+    attempt: int
+
+
+@dataclass(frozen=True)
 class Shutdown:
     """The run is over: the agent leaves its loop."""
 
@@ -76,7 +86,7 @@ class Interrupted:
 
 
 MESSAGE_TYPES = (Hello, RunTask, Kill, Shutdown, Interrupted,
-                 Schedule, TaskStarted, TaskFinished, NodeLost, Drain, Launch, Node)
+                 Schedule, TaskStarted, TaskFinished, NodeLost, Drain, Launch, Node, Recall)
 _CODE = {cls: code for code, cls in enumerate(MESSAGE_TYPES)}
 
 

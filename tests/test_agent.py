@@ -9,7 +9,7 @@ import time
 
 from pilot.agent import STARTED_DELAY_S, Agent
 from pilot.events import Failure, TaskFinished, TaskStarted
-from pilot.protocol import ALL_TASKS, Kill, RunTask
+from pilot.protocol import ALL_TASKS, Kill, Recall, RunTask
 from pilot.runner import WatchConfig
 from tests.helpers import wait_for
 
@@ -171,3 +171,21 @@ def test_queued_tasks_are_reported_interrupted_unstarted_when_the_run_stops(tmp_
     results = _results(agent, sent, 2)
     assert [(r.task, r.failure) for r in results] == [(1, Failure.INTERRUPTED), (2, Failure.INTERRUPTED)]
     assert not (tmp_path / "ran").exists() and not agent.busy
+
+
+def test_a_recalled_task_is_reported_unstarted_and_the_one_behind_it_moves_up(tmp_path):
+    sent = []
+    agent = Agent(sent.append, WatchConfig())
+    agent.handle(_queued(tmp_path, 1, -1, ["sleep", "30"]))
+    agent.handle(_queued(tmp_path, 2, 1, ["touch", str(tmp_path / "two")]))
+    agent.handle(_queued(tmp_path, 3, 2, ["touch", str(tmp_path / "three")]))
+    agent.handle(Recall(2, 1))
+    assert [(m.task, m.failure) for m in sent if isinstance(m, TaskFinished)] == [(2, Failure.INTERRUPTED)]
+    assert [r.task for r in agent.waiting[1]] == [3] and 2 not in agent.waiting
+    agent.handle(Recall(1, 1))   # running: not queued here, left alone
+    assert len(agent.runners) == 1
+    agent.handle(Kill(ALL_TASKS, 0, Failure.INTERRUPTED))
+    results = _results(agent, sent, 3)
+    assert [(r.task, r.failure) for r in results] == [(2, Failure.INTERRUPTED), (1, Failure.INTERRUPTED),
+                                                      (3, Failure.INTERRUPTED)]
+    assert not (tmp_path / "two").exists() and not (tmp_path / "three").exists()

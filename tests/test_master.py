@@ -97,7 +97,7 @@ PACKING_EDGES = [("root", f"w{i:02d}") for i in range(12)] + [(f"w{i:02d}", "joi
 
 
 def run_local(tmp_path: Path, wf: Path, agents: list[NodeInfo], *, signals=None, deadline=None,
-              max_failures=None, ckpt_name="ckpt.h5"):
+              max_failures=None, ckpt_name="ckpt.h5", queue_ahead_s=0.0):
     """master_main on this thread, one agent thread per NodeInfo; returns the exit code."""
     hub = LocalHub(len(agents) + 1)
     threads = [threading.Thread(target=run_agent, args=(hub.endpoint(r + 1), info, FAST), daemon=True)
@@ -106,7 +106,7 @@ def run_local(tmp_path: Path, wf: Path, agents: list[NodeInfo], *, signals=None,
         th.start()
     config = RunConfig(workflow=str(wf), checkpoint=str(tmp_path / ckpt_name),
                        logdir=str(tmp_path / "logs"), deadline=deadline, max_failures=max_failures,
-                       progress_interval=0.2, watch=FAST)
+                       progress_interval=0.2, watch=FAST, queue_ahead_s=queue_ahead_s)
     try:
         return master_main(hub.endpoint(0), config, NodeInfo("solo", 1000, 4), signals)
     finally:
@@ -257,3 +257,23 @@ def test_resume_after_a_drain_runs_each_task_once(tmp_path):
     records = read_records(record)
     assert_exactly_once(records, PACKING_IDS)
     assert_order(records, PACKING_EDGES)
+
+
+def test_a_task_queued_behind_one_that_runs_long_is_taken_back_for_a_free_node(tmp_path, caplog):
+    """Label estimates say 0.05 s, so tasks queue behind the one that takes 8 s; once the other
+    node is free, they are taken back and run there instead of waiting for it."""
+    record = tmp_path / "records.txt"
+    payload = ensure_payload()
+    fast = [f"f{i:02d}" for i in range(12)]
+    lines = [f'  - {{id: {t}, command: ["{payload}", "--sleep", "0.05", "--record", "{record}"]}}' for t in fast[:4]]
+    lines.append(f'  - {{id: slow, command: ["{payload}", "--sleep", "8", "--record", "{record}"]}}')
+    lines += [f'  - {{id: {t}, command: ["{payload}", "--sleep", "0.05", "--record", "{record}"]}}' for t in fast[4:]]
+    wf = tmp_path / "wf.yaml"
+    wf.write_text("requestMemory: 100\ntasks:\n" + "\n".join(lines) + "\n")
+    caplog.set_level("INFO", logger="pilot.master")
+    assert run_local(tmp_path, wf, emulated(2, cores=1), queue_ahead_s=0.5) == 0
+    by = {r.task: r for r in read_records(record)}
+    assert set(by) == {*fast, "slow"}
+    late = [t for t in fast if by[t].end > by["slow"].end]
+    assert not late, f"{late} waited for the slow task"
+    assert "taking back task" in caplog.text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pilot.events import Drain, Failure, Launch, Node, NodeLost, Schedule, TaskFinished, TaskStarted
-from pilot.protocol import (ALL_TASKS, MESSAGE_TYPES, Hello, Interrupted, Kill, RunTask, Shutdown,
+from pilot.protocol import (ALL_TASKS, MESSAGE_TYPES, Hello, Interrupted, Kill, Recall, RunTask, Shutdown,
                             from_wire, to_wire)
 
 SAMPLES = [
@@ -14,7 +14,8 @@ SAMPLES = [
             command=["pipetask", "run-qbb", "repo", "g.qg"], env={"A": "1"}, log="/l/00000/isr_1.2.log",
             timeout=600.0, memory_mb=4096, cpus=2),
     RunTask(task=0, attempt=1, node=0, task_id="a", label="default", node_name="h", command="echo hi",
-            env=None, log="l", timeout=0.0, memory_mb=1, cpus=1),
+            env=None, log="l", timeout=0.0, memory_mb=1, cpus=1, after=6),
+    Recall(task=9, attempt=1),
     Kill(task=ALL_TASKS, attempt=0, failure=Failure.INTERRUPTED),
     Kill(task=5, attempt=1, failure=Failure.TIMEOUT),
     Shutdown(code=3),
@@ -28,6 +29,7 @@ SAMPLES = [
     NodeLost(node=2, time=3.0),
     Drain(time=4.0, reason="signal 15"),
     Launch(task=1, attempt=1, node=0, memory_mb=100, cpus=1),
+    Launch(task=2, attempt=1, node=0, memory_mb=100, cpus=1, after=1),
     Node(name="n", memory_mb=1000, cores=4),
 ]
 
