@@ -101,26 +101,33 @@ def _task_pids(folder: Path) -> list[int]:
     return [int(n) for p in folder.glob("*.marker") for n in p.read_text().split() if int(n) > 0]
 
 
-@pytest.mark.parametrize("ranks", [1, 3])
-def test_sigterm_mid_run_exits_3_and_leaves_no_task(tmp_path, ranks):
-    wf, _ = workflow("long", tmp_path)
+def _sigterm_when(ranks: int, wf: Path, tmp_path: Path, node: list[str], ready, timeout: float, what: str):
+    """Run the pilot and SIGTERM it once ``ready()`` returns something; (exit code, stderr,
+    seconds from the signal to the exit, what ``ready()`` returned)."""
     before = shm_segments()
-    node = ["--node-per-rank", "--node-memory", "1000", "--node-cores", "8"]   # 6 tasks fit one node
     proc = subprocess.Popen(pilot_cmd(ranks, wf, tmp_path, *node), cwd=ROOT, env=mpi_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: len(list(tmp_path.glob("*.marker"))) >= 6, 30, what="six tasks running")
-        pids = _task_pids(tmp_path)
+        got = wait_for(ready, timeout, what=what)
         proc.send_signal(signal.SIGTERM)
         sent = time.monotonic()
         _, err = proc.communicate(timeout=30)
-        took = time.monotonic() - sent
+        return proc.returncode, err, time.monotonic() - sent, got
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         cleanup_shm(before)
-    assert proc.returncode == 3, err[-3000:]
+
+
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_sigterm_mid_run_exits_3_and_leaves_no_task(tmp_path, ranks):
+    wf, _ = workflow("long", tmp_path)
+    node = ["--node-per-rank", "--node-memory", "1000", "--node-cores", "8"]   # 6 tasks fit one node
+    code, err, took, pids = _sigterm_when(
+        ranks, wf, tmp_path, node, lambda: len(list(tmp_path.glob("*.marker"))) >= 6 and _task_pids(tmp_path),
+        30, "six tasks running")
+    assert code == 3, err[-3000:]
     assert took < 10, f"took {took:.1f} s"
     assert len(pids) >= 7 and all(pid_gone(p) for p in pids)
     assert "draining: signal 15" in err
@@ -139,21 +146,9 @@ def test_sigterm_with_tasks_queued_ahead_exits_3_and_a_rerun_redoes_nothing_done
         f'  - {{id: {i}, command: ["{ensure_payload()}", "--sleep", "0.02", "--record", "{record}"]}}\n'
         for i in ids))
     node = ["--node-per-rank", "--node-memory", "1000", "--node-cores", "2"]
-    before = shm_segments()
-    proc = subprocess.Popen(pilot_cmd(3, wf, tmp_path, *node), cwd=ROOT, env=mpi_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: len(read_records(record)) >= 60, 60, what="60 tasks done")
-        proc.send_signal(signal.SIGTERM)
-        sent = time.monotonic()
-        _, err = proc.communicate(timeout=30)
-        took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        cleanup_shm(before)
-    assert proc.returncode == 3 and took < 10, err[-3000:]
+    code, err, took, _ = _sigterm_when(3, wf, tmp_path, node, lambda: len(read_records(record)) >= 60,
+                                       60, "60 tasks done")
+    assert code == 3 and took < 10, err[-3000:]
     queued = int(re.search(r"launches: \d+, of which (\d+) queued ahead", err).group(1))
     assert queued > 0
     table = load_checkpoint(tmp_path / "ckpt.h5").table
