@@ -109,25 +109,22 @@ class Agent:
         """Give a queued task back unstarted (the master runs it elsewhere); what waited behind
         it moves up behind what it waited for. A task already started is left alone: its own
         report follows."""
-        before = next((b for b, runs in self.waiting.items()
-                       if any(r.task == task and r.attempt == attempt for r in runs)), None)
-        if before is None:
+        for before, runs in self.waiting.items():
+            run = next((r for r in runs if r.task == task and r.attempt == attempt), None)
+            if run is not None:
+                break
+        else:
             return
-        runs = self.waiting[before]
-        run = next(r for r in runs if r.task == task and r.attempt == attempt)
         runs.remove(run)
         runs.extend(self.waiting.pop(task, ()))
         if not runs:
             del self.waiting[before]
-        now = time.time()
-        self._send_result(TaskFinished(task, attempt, run.node, Failure.INTERRUPTED, None, None, now, now))
+        self._send_result(_not_started(run))
 
     def _begin(self, run: RunTask) -> None:
         """Start ``run``, or report it interrupted if the run is stopping."""
         if self.stop_seen or self.stopped:
-            now = time.time()
-            self._send_result(TaskFinished(run.task, run.attempt, run.node, Failure.INTERRUPTED,
-                                           None, None, now, now))
+            self._send_result(_not_started(run))
         else:
             self._start(run)
 
@@ -267,6 +264,12 @@ class Agent:
         # transport's back-off after a ring asks for 50 us
         readable, _, _ = select.select([self._epoll], [], [], timeout)
         return bool(readable)
+
+
+def _not_started(run: RunTask) -> TaskFinished:
+    """The report of an attempt given back without being started (it does not count)."""
+    now = time.time()
+    return TaskFinished(run.task, run.attempt, run.node, Failure.INTERRUPTED, None, None, now, now)
 
 
 def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchConfig(),

@@ -293,9 +293,9 @@ class Engine:
         for t in self.cluster.lose(event.node).tolist():
             self.policy.released(t, event.node)
             queued = self.queue.drop_chain(t)
-            for q in [t] + queued:
-                if q != t:
-                    self.cluster.running[self._labels[q]] -= 1
+            for q in queued:   # they held no resources, but counted for their label
+                self.cluster.running[self._labels[q]] -= 1
+            for q in [t, *queued]:
                 self.attempts[q] -= 1  # a lost attempt does not count
                 self._move(q, R, event.time)
                 self.node_of[q] = -1

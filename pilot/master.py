@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import gc
 import logging
-import sys
 import time
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ from pilot.events import Drain, Failure, Node, Schedule, State, TaskFinished, Ta
 from pilot.graph import Graph
 from pilot.protocol import ALL_TASKS, Hello, Interrupted, Kill, Recall, RunTask, Shutdown
 from pilot.runner import WatchConfig, log_path
-from pilot.transport import Backoff, Transport
+from pilot.transport import Backoff, Transport, flush_output
 
 log = logging.getLogger("pilot.master")
 IDLE_POLL_S = 0.25     # the loop looks at signals, deadline, progress and checkpoint this often
@@ -171,10 +170,12 @@ class Master:
         """Take back tasks queued ahead that have waited long (the task ahead runs longer than its
         label's estimate) when another node has room for them now: they come back interrupted,
         unstarted, and are placed again."""
+        if self.drained_at is not None:
+            return   # the drain's kill reports every queued task anyway
         engine, c = self.engine, self.engine.cluster
         for q in engine.queue.stale(now - engine.queue.recall_after):
             key = (q, engine.attempts.item(q))
-            if key in self._recalled or self.drained_at is not None:
+            if key in self._recalled:
                 continue
             node, memory, cpus = engine.node_of.item(q), engine.memory_request.item(q), int(self.graph.cpus[q])
             if any(j != node and c.up[j] and c.fm[j] >= memory and c.fc[j] >= cpus for j in range(c.size)):
@@ -221,7 +222,8 @@ class Master:
         return self.transport.poll(0.0) if self.transport.size > 1 else None
 
     def _finished(self, message: TaskFinished) -> None:
-        self._recalled.discard((message.task, message.attempt))
+        if self._recalled:
+            self._recalled.discard((message.task, message.attempt))
         rank = self.rank_of.pop((message.task, message.attempt), None)
         if rank is not None:
             self.load[rank] -= 1
@@ -373,10 +375,7 @@ def _leave_without_agents(transport: Transport, code: int) -> None:
     the job until Slurm kills it. Under srun (with --kill-on-bad-exit) or mpiexec the launcher
     then ends the other ranks; the exit code says whether work is left (3: run again)."""
     log.error("leaving without the unresponsive agents (exit %d)", code)
-    for handler in logging.getLogger().handlers:
-        handler.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    flush_output()
     transport.leave(code)
 
 

@@ -188,10 +188,7 @@ def task_env(run: RunTask, base=None) -> dict[str, str]:
 def _task_envb(run: RunTask) -> dict[bytes, bytes]:
     """:func:`task_env` of the agent's environment, encoded for :func:`spawn`."""
     if run.env:
-        env = _agent_envb().copy()
-        for key, value in _attempt_vars(run).items():
-            env[key.encode(FS_ENCODING, FS_ERRORS)] = value.encode(FS_ENCODING, FS_ERRORS)
-        return env
+        return _encoded_with(_attempt_vars(run))
     # Without a task env only the id and the attempt differ between the launches of one label on
     # one node: the rest is encoded once.
     env = _shape_envb(run.label, run.node_name, run.memory_mb, run.cpus).copy()
@@ -204,9 +201,13 @@ def _task_envb(run: RunTask) -> dict[bytes, bytes]:
 def _shape_envb(label: str, node_name: str, memory_mb: int, cpus: int) -> dict[bytes, bytes]:
     """The agent's encoded environment with the PILOT_* variables that launches of one label on
     one node share (callers copy it)."""
-    shape = RunTask(0, 0, 0, "", label, node_name, [], None, "", 0.0, memory_mb, cpus)
+    return _encoded_with(_attempt_vars(RunTask(0, 0, 0, "", label, node_name, [], None, "", 0.0, memory_mb, cpus)))
+
+
+def _encoded_with(variables: dict[str, str]) -> dict[bytes, bytes]:
+    """The agent's encoded environment (a copy) with ``variables`` added, encoded."""
     env = _agent_envb().copy()
-    for key, value in _attempt_vars(shape).items():
+    for key, value in variables.items():
         env[key.encode(FS_ENCODING, FS_ERRORS)] = value.encode(FS_ENCODING, FS_ERRORS)
     return env
 

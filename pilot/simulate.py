@@ -222,10 +222,9 @@ class _Sim:
 
     def start_behind(self) -> None:
         """Start what was queued behind the attempts that just ended (after the engine saw the ends)."""
-        while self.behind:
-            behind, self.behind = self.behind, []
-            for a in behind:
-                self.start(a, self.now)
+        behind, self.behind = self.behind, []
+        for a in behind:
+            self.start(a, self.now)
 
     def next_event(self):
         when, _, kind, payload = heapq.heappop(self.heap)

@@ -430,6 +430,14 @@ class LocalTransport(Transport):
             raise TransportAborted(self.hub.abort_code)
 
 
+def flush_output() -> None:
+    """Flush the log handlers and the standard streams (before a rank ends without Python's exit)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
 def guarded(transport: Transport, main, *args, expected: tuple = (), **kwargs):
     """Run ``main``; an uncaught exception logs its traceback and aborts every rank.
 
@@ -444,7 +452,6 @@ def guarded(transport: Transport, main, *args, expected: tuple = (), **kwargs):
         if isinstance(err, SystemExit) and transport.size == 1:
             raise
         log.critical("rank %d failed:\n%s", transport.rank, traceback.format_exc())
-        for handler in logging.getLogger().handlers:
-            handler.flush()
+        flush_output()
         transport.abort(1)
         raise
