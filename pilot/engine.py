@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from pilot.engine_cluster import Cluster
-from pilot.engine_queue import QueueAhead, queue_ahead
+from pilot.engine_queue import DEPTH, QueueAhead, queue_ahead
 from pilot.engine_retry import next_attempt
 from pilot.engine_states import ALLOWED_TABLE, IllegalTransition, TransitionLog
 from pilot.events import (Drain, Failure, Launch, NodeLost, Schedule, State, TaskFinished,
@@ -33,9 +33,10 @@ class Engine:
     """Task states for one graph on a set of nodes; see the module docstring."""
 
     def __init__(self, graph, nodes, policy=None, *, max_failures=None, runtime_estimates=None,
-                 queue_ahead_s: float = 0.0):
+                 queue_ahead_s: float = 0.0, queue_ahead_depth: int = DEPTH):
         """``queue_ahead_s`` > 0: queue ready tasks behind launched ones expected to end within
-        that many seconds (see :mod:`pilot.engine_queue`); the ``Launch`` has ``after`` set."""
+        that many seconds, up to ``queue_ahead_depth`` behind one (see :mod:`pilot.engine_queue`);
+        the ``Launch`` has ``after`` set."""
         from pilot.policy import DefaultPolicy
 
         n = self._n = graph.size
@@ -60,7 +61,7 @@ class Engine:
         self._trans: list = []
         self._events = 0
         self._drained = self._stalled = False
-        self.queue = QueueAhead(queue_ahead_s)
+        self.queue = QueueAhead(queue_ahead_s, queue_ahead_depth)
         self._init_labels(runtime_estimates)
         self.policy = policy if policy is not None else DefaultPolicy()
         self.policy.attach(graph, self.cluster)

@@ -15,9 +15,12 @@ The contract that keeps a node from being over-committed:
   that end (or drops it, reporting it interrupted, if the run is stopping). The agent's
   messages arrive in order, so the engine and the agent agree on when ``q`` holds the slot.
 - Only tasks expected to end within ``horizon`` seconds (their label's runtime estimate) get a
-  task queued behind them, and chains are at most ``DEPTH`` tasks long behind a running one: a
-  queued task waits for at most about ``DEPTH x horizon``, and a task that became ready
-  meanwhile with a higher priority waits for at most that long behind it.
+  task queued behind them, and chains are at most ``depth`` (default :data:`DEPTH`) tasks long
+  behind a running one: a queued task waits for at most about ``depth x horizon``, and a task
+  that became ready meanwhile with a higher priority waits for at most that long behind it.
+  The depth covers the time rank 0 lets messages gather between its turns (``PACE_S`` in
+  :mod:`pilot.master`): a node whose chain is as deep as a few tasks keeps its cores busy while
+  rank 0 is not looking.
 - Estimates can be wrong: rank 0 takes back (``Recall``) a task that has waited longer than
   ``recall_after`` while another node has room for it; the agent reports it interrupted, unstarted,
   and it runs elsewhere (``queued_at`` and :meth:`QueueAhead.stale` serve that).
@@ -25,14 +28,15 @@ The contract that keeps a node from being over-committed:
 
 from __future__ import annotations
 
-DEPTH = 2   # queued tasks behind one running task, at most
+DEPTH = 4   # queued tasks behind one running task, at most (the default)
 
 
 class QueueAhead:
     """The queued tasks of one engine: who waits behind whom."""
 
-    def __init__(self, horizon: float):
+    def __init__(self, horizon: float, depth: int = DEPTH):
         self.horizon = float(horizon)
+        self.max_depth = int(depth)
         self.next_of: dict[int, int] = {}    # task -> the task queued behind it
         self.after_of: dict[int, int] = {}   # queued task -> the task it waits for
         self.tails: dict[int, None] = {}     # launched tasks that may get one queued behind (ordered)
@@ -50,7 +54,7 @@ class QueueAhead:
     def offer(self, task: int, estimate: float) -> None:
         """``task`` was launched or queued: it may get a task queued behind it if it is short
         and its chain has room."""
-        if estimate <= self.horizon and self.depth(task) < DEPTH:
+        if estimate <= self.horizon and self.depth(task) < self.max_depth:
             self.tails[task] = None
 
     def depth(self, task: int) -> int:
@@ -118,7 +122,7 @@ def queue_ahead(engine, now: float) -> list:
     """Queue ready tasks behind short launched tasks (see the module docstring), a chain
     link per round; the ``Launch`` actions, each with ``after`` set."""
     launches: list = []
-    for _ in range(DEPTH):
+    for _ in range(engine.queue.max_depth):
         if not engine.queue.tails or not engine.policy.queued():
             break
         made = _queue_round(engine, now)

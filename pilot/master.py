@@ -38,6 +38,10 @@ IDLE_POLL_S = 0.25     # the loop looks at signals, deadline, progress and check
 DRAIN_TIMEOUT_S = 8.0  # after a drain, give agents this long to report their killed attempts
 HELLO_TIMEOUT_S = 120.0
 BATCH_MAX = 1024       # messages taken in one turn of the loop before the engine schedules
+# While tasks are queued ahead on the agents, rank 0 takes its messages at most this often: the
+# agents start queued tasks without it, and one turn over a few results costs rank 0 far less
+# than a turn per result (each wake-up and each engine pass has a fixed price).
+PACE_S = 0.001
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class MasterOptions:
     progress_interval: float = 30.0
     deadline: float | None = None
     margin_s: float = 60.0
+    pace_s: float = PACE_S
 
 
 def gather_hellos(transport: Transport, count: int, timeout: float = HELLO_TIMEOUT_S) -> list[Hello]:
@@ -117,6 +122,7 @@ class Master:
         self._next_recall = 0.0
         self.backoff = Backoff()
         self._next_progress = time.monotonic() + options.progress_interval
+        self._last_turn = 0.0
 
     # -- the loop --
 
@@ -124,9 +130,11 @@ class Master:
         """Run until the engine is finished (or a drain times out); the engine's exit code."""
         self._dispatch(self.engine.handle(Schedule(self.clock())))
         while not self.engine.finished:
+            self._pace()
             item = self._next_message()
             if item is not None:
                 self._take_messages(item)
+                self._last_turn = time.monotonic()
             self._housekeeping()
             if self._drain_expired():
                 self.unresponsive = sorted(r for r, n in self.load.items() if n > 0)
@@ -136,6 +144,14 @@ class Master:
         log.info("%s", progress_line(self.engine, self.nodes))
         log.info("launches: %d, of which %d queued ahead", self.launches, self.queued_ahead)
         return self.engine.exit_code()
+
+    def _pace(self) -> None:
+        """Let messages gather until ``pace_s`` after the last turn, while the agents have tasks
+        queued ahead (their cores stay busy meanwhile) and no local agent needs this loop."""
+        if self.local is None and self.engine.queue.queued_at and self.drained_at is None:
+            left = self._last_turn + self.options.pace_s - time.monotonic()
+            if left > 0:
+                time.sleep(left)
 
     def _next_message(self):
         if self.inbox:

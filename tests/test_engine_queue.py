@@ -18,17 +18,18 @@ def ended(launch, failure=Failure.NONE, end=1.0):
     return TaskFinished(launch.task, launch.attempt, launch.node, failure, 0, None, end - 0.001, end)
 
 
-def engine_of(graph, nodes, horizon=0.5, estimate=0.01):
+def engine_of(graph, nodes, horizon=0.5, estimate=0.01, depth=2):
+    """An engine with queue-ahead; chains ``depth`` deep (2 keeps the cases below short)."""
     e = Engine(graph, nodes, runtime_estimates={name: estimate for name in graph.labels},
-               queue_ahead_s=horizon)
+               queue_ahead_s=horizon, queue_ahead_depth=depth)
     return e
 
 
 def test_short_tasks_get_a_chain_of_queued_tasks_behind_them():
-    e = engine_of(independent(6), [Node("n", 1000, 1)])
+    e = engine_of(independent(DEPTH + 2), [Node("n", 1000, 1)], depth=DEPTH)
     first = e.handle(Schedule(0.0))
     e.validate()
-    assert [(a.task, a.after) for a in first] == [(0, -1), (1, 0), (2, 1)][:1 + DEPTH]
+    assert [(a.task, a.after) for a in first] == [(i, i - 1) for i in range(1 + DEPTH)]
     assert all(e.state[a.task] == State.LAUNCHED for a in first)
     assert e.cluster.n_active == 1   # only the running one holds the core
 
@@ -83,7 +84,7 @@ def test_queued_tasks_of_a_lost_node_go_back_to_ready_uncounted():
     e = engine_of(independent(5), [Node("a", 1000, 1), Node("b", 1000, 1)])
     launches = e.handle(Schedule(0.0))
     on_a = [a for a in launches if a.node == 0]
-    assert len(on_a) == 1 + DEPTH
+    assert len(on_a) == 3   # one running, two queued
     again = e.handle(NodeLost(0, 0.5))
     e.validate()
     assert not any(a.node == 0 for a in again)
