@@ -96,8 +96,7 @@ def runner_loop(n: int, concurrency: int, logdir: Path) -> None:
             started += 1
         readable, _, _ = select.select(list(running), [], [], 5.0)
         for fd in readable:
-            if running[fd].poll() is not None:
-                del running[fd]
+            running.pop(fd).poll(exited=True)   # a readable pidfd: it has ended
 
 
 def make_dirs(logdir: Path, n: int) -> None:

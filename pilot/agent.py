@@ -170,27 +170,21 @@ class Agent:
         if self.starts and now >= self._starts_due:
             self._send_starts()
         for key in self._exited():
-            result = self._reap(key)
-            if result is not None:
-                self._report(result, now)
-                ended = True
+            self._report(self._reap(key), now)
+            ended = True
         return ended
 
-    def _reap(self, key: tuple[int, int]) -> TaskFinished | None:
-        """The attempt's result if it has ended (it is then forgotten), else None."""
-        runner = self.runners[key]
-        pidfd = runner.pidfd
-        # Out of the epoll before the runner closes the pidfd: a closed descriptor cannot be
-        # unregistered, and its number comes back with the next attempt's pidfd.
-        self._epoll.unregister(pidfd)
-        result = runner.poll()
-        if result is None:
-            self._epoll.register(pidfd, select.EPOLLIN)
-            return None
-        del self.runners[key]
-        del self._key_of_fd[pidfd]
+    def _reap(self, key: tuple[int, int]) -> TaskFinished:
+        """The result of an attempt whose pidfd is readable (it has ended); it is forgotten."""
+        runner = self.runners.pop(key)
+        # Out of the epoll before the runner closes the pidfd. Closing alone would not do: a task
+        # being spawned may still hold a copy of the descriptor (a vfork child lets its parent go
+        # on before exec closes it), and the stale entry would then report a new pidfd given the
+        # same number as ended.
+        self._epoll.unregister(runner.pidfd)
+        del self._key_of_fd[runner.pidfd]
         self._timed.discard(key)
-        return result
+        return runner.poll(exited=True)
 
     def _report(self, result: TaskFinished, now: float) -> None:
         """Send a result (its start, if still held, goes unsaid); one killed by a stop signal

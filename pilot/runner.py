@@ -434,11 +434,12 @@ class Runner:
 
     # -- ending --
 
-    def poll(self) -> TaskFinished | None:
-        """The attempt's result once its main process has ended, else None (never blocks)."""
+    def poll(self, exited: bool = False) -> TaskFinished | None:
+        """The attempt's result once its main process has ended, else None (never blocks).
+        ``exited``: the caller knows it has ended (its pidfd is readable), so it is not asked."""
         if not self._live:
             return None
-        if os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        if not exited and os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
             return None
         # Leftovers of the group, while its leader is a zombie: its pid (the group's id) cannot
         # have been reused by then.
