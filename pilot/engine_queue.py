@@ -15,9 +15,10 @@ The contract that keeps a node from being over-committed:
   that end (or drops it, reporting it interrupted, if the run is stopping). The agent's
   messages arrive in order, so the engine and the agent agree on when ``q`` holds the slot.
 - Only tasks expected to end within ``horizon`` seconds (their label's runtime estimate) get a
-  task queued behind them, and chains are at most ``depth`` (default :data:`DEPTH`) tasks long
-  behind a running one: a queued task waits for at most about ``depth x horizon``, and a task
-  that became ready meanwhile with a higher priority waits for at most that long behind it.
+  task queued behind them, only while the chain is expected to free its slot within
+  ``horizon`` seconds from now, and chains are at most ``depth`` (default :data:`DEPTH`) tasks
+  long behind a running one: a queued task is expected to wait at most ``horizon``, and a task
+  that became ready meanwhile with a higher priority waits about that long behind it.
   The depth covers the time rank 0 lets messages gather between its turns (``PACE_S`` in
   :mod:`pilot.master`): a node whose chain is as deep as a few tasks keeps its cores busy while
   rank 0 is not looking.
@@ -28,7 +29,7 @@ The contract that keeps a node from being over-committed:
 
 from __future__ import annotations
 
-DEPTH = 4   # queued tasks behind one running task, at most (the default)
+DEPTH = 8   # queued tasks behind one running task, at most (the default)
 
 
 class QueueAhead:
@@ -145,6 +146,8 @@ def _queue_round(engine, now: float) -> list:
             free_at += est.item(labels[t])
             if t == x:
                 break
+        if free_at > now + qa.horizon:
+            continue   # the chain already holds a horizon's worth of work
         slots.append((x, engine.node_of.item(x), engine.memory_request.item(x), engine._cpus[x], free_at))
     launches = []
     for q, x in engine.policy.select_successors(c, slots, now):

@@ -41,7 +41,7 @@ BATCH_MAX = 1024       # messages taken in one turn of the loop before the engin
 # While tasks are queued ahead on the agents, rank 0 takes its messages at most this often: the
 # agents start queued tasks without it, and one turn over a few results costs rank 0 far less
 # than a turn per result (each wake-up and each engine pass has a fixed price).
-PACE_S = 0.001
+PACE_S = 0.002
 
 
 @dataclass(frozen=True)
