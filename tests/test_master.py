@@ -277,3 +277,37 @@ def test_a_task_queued_behind_one_that_runs_long_is_taken_back_for_a_free_node(t
     late = [t for t in fast if by[t].end > by["slow"].end]
     assert not late, f"{late} waited for the slow task"
     assert "taking back task" in caplog.text
+
+
+def _paced_master(pace_s: float, queued: bool):
+    """A Master over two emulated nodes whose engine has (or has not) tasks queued ahead."""
+    from pilot.engine import Engine
+    from pilot.events import Schedule
+    from pilot.graph import make_graph
+    from pilot.master import Master, MasterOptions
+
+    graph = make_graph([f"t{i}" for i in range(6)], ["a"] * 6, [[] for _ in range(6)], memory_mb=[100] * 6)
+    nodes = [Node("a", 1000, 1), Node("b", 1000, 1)]
+    engine = Engine(graph, nodes, runtime_estimates={"a": 0.01 if queued else 5.0}, queue_ahead_s=0.5)
+    engine.handle(Schedule(0.0))
+    hub = LocalHub(3)
+    master = Master(hub.endpoint(0), graph, engine, nodes, [[1], [2]], MasterOptions("logs", pace_s=pace_s))
+    assert bool(engine.queue.queued_at) == queued
+    master._last_turn = time.monotonic()
+    return master
+
+
+def test_rank_0_paces_its_turns_while_tasks_are_queued_ahead():
+    master = _paced_master(0.2, queued=True)
+    before = time.monotonic()
+    master._pace()
+    assert time.monotonic() - before >= 0.2 - (before - master._last_turn)
+
+
+def test_rank_0_answers_at_once_when_nothing_is_queued_ahead_or_it_drains():
+    for master in (_paced_master(60.0, queued=False), _paced_master(60.0, queued=True)):
+        if master.engine.queue.queued_at:
+            master.drained_at = time.monotonic()
+        before = time.monotonic()
+        master._pace()
+        assert time.monotonic() - before < 30.0   # a paced turn would have waited 60 s
