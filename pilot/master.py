@@ -116,7 +116,7 @@ class Master:
         self.load = collections.Counter()                     # rank -> running attempts
         self.rank_of: dict[tuple[int, int], int] = {}         # (task, attempt) -> rank
         self.drained_at: float | None = None
-        self.launches = self.queued_ahead = 0
+        self.launches = self.queued_ahead = self.turns = 0
         self.unresponsive: list[int] = []   # agent ranks that did not report after a drain
         self._recalled: set[tuple[int, int]] = set()   # (task, attempt) taken back, not yet reported
         self._next_recall = 0.0
@@ -135,6 +135,7 @@ class Master:
             if item is not None:
                 self._take_messages(item)
                 self._last_turn = time.monotonic()
+                self.turns += 1
             self._housekeeping()
             if self._drain_expired():
                 self.unresponsive = sorted(r for r, n in self.load.items() if n > 0)
@@ -142,7 +143,8 @@ class Master:
                           self.unresponsive, DRAIN_TIMEOUT_S)
                 break
         log.info("%s", progress_line(self.engine, self.nodes))
-        log.info("launches: %d, of which %d queued ahead", self.launches, self.queued_ahead)
+        log.info("launches: %d, of which %d queued ahead; messages taken in %d turns", self.launches,
+                 self.queued_ahead, self.turns)
         return self.engine.exit_code()
 
     def _pace(self) -> None:
