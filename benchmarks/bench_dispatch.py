@@ -117,6 +117,7 @@ def spawn_posix(i: int, logdir: Path | None) -> None:
 
 
 PILOT_OPTIONS: list[str] = []   # more `pilot run` options (--pilot-option)
+SHARED_NODE = False   # --shared-node: the agents are ranks of one node of `cores` cores
 
 
 def pilot_run(folder: Path, tasks: int, agents: int, cores: int, command=("true",)) -> tuple[float, float, float]:
@@ -129,8 +130,9 @@ def pilot_run(folder: Path, tasks: int, agents: int, cores: int, command=("true"
     wf = folder / "workflow.json"
     wf.write_text(json.dumps({"requestMemory": 1, "tasks": [
         {"id": f"t{i}", "command": list(command)} for i in range(tasks)]}))
+    nodes = [] if SHARED_NODE else ["--node-per-rank"]   # shared: every rank on this host is one node
     cmd = [str(VENV_BIN / "mpiexec"), "-launcher", "fork", "-n", str(agents + 1), sys.executable, "-m",
-           "pilot.cli", "run", str(wf), "--checkpoint", str(folder / "ckpt.h5"), "--node-per-rank",
+           "pilot.cli", "run", str(wf), "--checkpoint", str(folder / "ckpt.h5"), *nodes,
            "--node-memory", "1000", "--node-cores", str(cores), *PILOT_OPTIONS]
     kids0 = cpu_split()[1]
     proc = subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True)
@@ -183,7 +185,7 @@ LOOPS = ("bare Popen", "bare posix_spawn", "bare Popen + logs", "bare posix_spaw
 
 def one_round(folder: Path, tasks: int, agents: int, cores: int) -> dict[str, Figures]:
     """Every loop once, in a fixed order, on the same machine state."""
-    concurrency = agents * cores
+    concurrency = cores if SHARED_NODE else agents * cores
     return {
         "bare Popen": bare_loop(tasks, concurrency, "popen"),
         "bare posix_spawn": bare_loop(tasks, concurrency, "posix"),
@@ -210,8 +212,9 @@ def report(rounds: list[dict[str, Figures]], args) -> None:
     med = {name: Figures(*(statistics.median(getattr(r[name], f) for r in rounds)
                            for f in ("rate", "own_ms", "tasks_ms"))) for name in LOOPS}
     fastest_bare = max(med[n].rate for n in LOOPS[:2])
-    print(f"{args.tasks} null tasks, {args.agents} agents x {args.cores} cores = concurrency "
-          f"{args.agents * args.cores}, {os.cpu_count()} cpus, median of {len(rounds)} rounds; "
+    shape = (f"{args.agents} agents sharing one node of {args.cores} cores = concurrency {args.cores}"
+             if SHARED_NODE else f"{args.agents} agents x {args.cores} cores = concurrency {args.agents * args.cores}")
+    print(f"{args.tasks} null tasks, {shape}, {os.cpu_count()} cpus, median of {len(rounds)} rounds; "
           f"logs in {tempfile.gettempdir()} ({file_system(tempfile.gettempdir())}); "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'':24s} {'tasks/s':>8s} {'ratio':>6s}  {'own CPU/task':>12s}  {'tasks CPU/task':>14s}  rounds (tasks/s)")
@@ -238,8 +241,12 @@ def main() -> None:
                         "system's temporary folder; /dev/shm takes the file system out of the figures)")
     parser.add_argument("--pilot-option", action="append", default=[], metavar="OPT",
                         help="pass OPT to `pilot run` (repeat; e.g. --pilot-option=--queue-ahead=0)")
+    parser.add_argument("--shared-node", action="store_true", help="the agents are ranks of one node of "
+                        "--cores cores (as several agent ranks per node under srun), not a node each")
     args = parser.parse_args()
     PILOT_OPTIONS.extend(args.pilot_option)
+    global SHARED_NODE
+    SHARED_NODE = args.shared_node
     if args.dir:
         tempfile.tempdir = args.dir
     if args.slot_gap:

@@ -42,12 +42,14 @@ class Site:
     sbatch_options: tuple[str, ...] = ()
     pilot_command: str = "pilot"
     drain_margin: int = DEFAULT_DRAIN_MARGIN
+    agents_per_node: int = 1
 
 
 _REQUIRED = {"cores_per_node": int, "memory_per_node_mb": int, "launch": str}
 _OPTIONAL = {
     "name": str, "account": str, "qos": str, "partition": str, "constraint": str,
     "exclusive": bool, "setup": list, "sbatch_options": list, "pilot_command": str, "drain_margin": int,
+    "agents_per_node": int,
 }
 
 
@@ -80,6 +82,10 @@ def _site_from_mapping(data: dict, name: str) -> Site:
             raise UserError(f"{name}: {key} must be positive, got {values[key]}")
     if values.get("drain_margin", DEFAULT_DRAIN_MARGIN) < 0:
         raise UserError(f"{name}: drain_margin must not be negative")
+    agents = values.get("agents_per_node", 1)
+    if not 1 <= agents <= values["cores_per_node"]:
+        raise UserError(f"{name}: agents_per_node must be between 1 and cores_per_node "
+                        f"({values['cores_per_node']}), got {agents}")
     for key in ("setup", "sbatch_options"):
         values[key] = _strings(values.get(key, []), key, name)
     _check_launch(values["launch"], name)
@@ -191,12 +197,14 @@ class JobOptions:
                             f"({self.walltime_s}s)")
 
 
-def ranks_for(nodes: int) -> int:
-    """MPI ranks for a job on ``nodes`` nodes: one agent per node plus the master on the first."""
-    return nodes + 1
+def ranks_for(nodes: int, agents_per_node: int = 1) -> int:
+    """MPI ranks for a job on ``nodes`` nodes: ``agents_per_node`` agents per node (they share
+    the node's cores and memory) plus the master on the first."""
+    return nodes * agents_per_node + 1
 
 
 def launch_line(site: Site, nodes: int) -> str:
     """The site's launch command with its fields filled in."""
-    return site.launch.strip().format(nodes=nodes, ranks=ranks_for(nodes), cores_per_node=site.cores_per_node,
+    ranks = ranks_for(nodes, site.agents_per_node)
+    return site.launch.strip().format(nodes=nodes, ranks=ranks, cores_per_node=site.cores_per_node,
                                       memory_per_node_mb=site.memory_per_node_mb)

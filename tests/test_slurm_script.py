@@ -68,6 +68,8 @@ def test_site_by_path_and_unknown_name():
     (site_text(launch="srun -n {tasks}"), "launch uses {tasks}"),
     (site_text(launch="srun -n {ranks"), "launch:"),
     (site_text(drain_margin=-1), "drain_margin must not be negative"),
+    (site_text(agents_per_node=0), "agents_per_node must be between 1 and cores_per_node"),
+    (site_text(agents_per_node=9), "agents_per_node must be between 1 and cores_per_node .8., got 9"),
 ])
 def test_bad_site_is_one_line_user_error(text, message):
     with pytest.raises(UserError, match=message) as err:
@@ -203,3 +205,11 @@ def test_cli_refuses_task_bigger_than_a_node(tmp_path, capsys):
 def test_cli_cancel_needs_a_run_dir(tmp_path, capsys):
     assert main(["cancel", str(tmp_path)]) == 2
     assert "not a pilot run directory" in capsys.readouterr().err
+
+
+def test_agents_per_node_sets_the_ranks_of_the_launch():
+    one = load_site(io.StringIO(site_text(launch="srun --nodes={nodes} --ntasks={ranks}")), "s.yaml")
+    two = load_site(io.StringIO(site_text(launch="srun --nodes={nodes} --ntasks={ranks}", agents_per_node=2)),
+                    "s.yaml")
+    assert launch_line(one, 3) == "srun --nodes=3 --ntasks=4"
+    assert launch_line(two, 3) == "srun --nodes=3 --ntasks=7"   # two agents a node, the master beside them
