@@ -4,9 +4,10 @@ A :class:`Runner` never blocks: the agent calls :meth:`Runner.observe` with memo
 and :meth:`Runner.poll` until it returns the attempt's :class:`~pilot.events.TaskFinished`.
 
 - The task runs in its own session and process group (a list command as argv, a string
-  through ``/bin/sh -c``); stdout and stderr go to one log file. It is started with one
-  ``posix_spawn`` (:func:`spawn`): stdin from /dev/null, signal dispositions and mask as
-  subprocess gives them, and no descriptor but 0-2 inherited (MPI's among them).
+  through ``/bin/sh -c``); stdout and stderr go to one log file. It is started by
+  :func:`pilot.spawn.spawn` (a vfork and exec in C): stdin from /dev/null, signal
+  dispositions and mask as subprocess gives them, and no descriptor but 0-2 inherited (MPI's
+  among them).
 - Memory: the resident memory of the whole process tree (the task and all its descendants,
   found through ``/proc/<pid>/task/*/children``) is summed from ``/proc/<pid>/stat``. Over
   ``memory_mb * tolerance`` (default 1.10) the group is killed with SIGKILL: ``Failure.OOM``.
@@ -23,11 +24,8 @@ and :meth:`Runner.poll` until it returns the attempt's :class:`~pilot.events.Tas
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import functools
 import os
-import shutil
 import signal
 import sys
 import time
@@ -36,6 +34,7 @@ from dataclasses import dataclass
 from pilot import nodes
 from pilot.events import Failure, TaskFinished, TaskStarted
 from pilot.protocol import RunTask
+from pilot.spawn import Spawned, spawn
 
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 OOM_READ_MAX_AGE = 0.01   # seconds: launches this close together share one read of the OOM counter
@@ -159,7 +158,7 @@ FS_ENCODING, FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerr
 
 @functools.lru_cache(maxsize=1)
 def _agent_envb() -> dict[bytes, bytes]:
-    # Bytes spare posix_spawn the encoding of ~100 variables on every launch.
+    # Bytes spare the encoding of ~100 variables on every launch.
     return {os.fsencode(k): os.fsencode(v) for k, v in _agent_env().items()}
 
 
@@ -185,16 +184,24 @@ def task_env(run: RunTask, base=None) -> dict[str, str]:
     return env
 
 
-def _task_envb(run: RunTask) -> dict[bytes, bytes]:
-    """:func:`task_env` of the agent's environment, encoded for :func:`spawn`."""
+def _task_env_entries(run: RunTask) -> tuple[list[bytes], bytes | None]:
+    """:func:`task_env` of the agent's environment as ``b"NAME=value"`` entries, and its PATH."""
     if run.env:
-        return _encoded_with(_attempt_vars(run))
-    # Without a task env only the id and the attempt differ between the launches of one label on
-    # one node: the rest is encoded once.
-    env = _shape_envb(run.label, run.node_name, run.memory_mb, run.cpus).copy()
-    env[b"PILOT_TASK_ID"] = run.task_id.encode(FS_ENCODING, FS_ERRORS)
-    env[b"PILOT_ATTEMPT"] = b"%d" % run.attempt
-    return env
+        env = _encoded_with(_attempt_vars(run))
+        if any(not k or b"=" in k for k in env):
+            raise ValueError("illegal environment variable name")
+        return [k + b"=" + v for k, v in env.items()], env.get(b"PATH")
+    shared, path = _shape_entries(run.label, run.node_name, run.memory_mb, run.cpus)
+    return shared + [b"PILOT_TASK_ID=" + run.task_id.encode(FS_ENCODING, FS_ERRORS),
+                     b"PILOT_ATTEMPT=%d" % run.attempt], path
+
+
+@functools.lru_cache(maxsize=256)
+def _shape_entries(label: str, node_name: str, memory_mb: int, cpus: int) -> tuple[list[bytes], bytes | None]:
+    """The entries of :func:`_shape_envb` but the id and the attempt, and the PATH (callers copy)."""
+    env = _shape_envb(label, node_name, memory_mb, cpus)
+    own = (b"PILOT_TASK_ID", b"PILOT_ATTEMPT")
+    return [k + b"=" + v for k, v in env.items() if k not in own], env.get(b"PATH")
 
 
 @functools.lru_cache(maxsize=256)
@@ -232,108 +239,6 @@ def _make_dir(folder: str) -> None:
     if folder not in _made_dirs:
         os.makedirs(folder, exist_ok=True)
         _made_dirs.add(folder)
-
-
-# ---- launching ----------------------------------------------------------------------
-
-CLOSE_RANGE_CLOEXEC = 1 << 2
-LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND
-# Python ignores these; a task gets them at their defaults, as subprocess gives them.
-DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
-
-
-@functools.lru_cache(maxsize=1)
-def _libc_close_range():
-    """libc's ``close_range`` (glibc >= 2.34), or None."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).close_range
-    except (AttributeError, OSError):
-        return None
-    fn.argtypes = (ctypes.c_uint, ctypes.c_uint, ctypes.c_int)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def cloexec_from(low: int = 3) -> None:
-    """Mark every descriptor from ``low`` up close-on-exec, so that a spawned task inherits none.
-
-    MPI libraries open descriptors without O_CLOEXEC (the PMI socket, for one): they must not
-    leak into tasks. One ``close_range(CLOSE_RANGE_CLOEXEC)`` call (Linux >= 5.11), else
-    fcntl over the entries of /proc/self/fd.
-    """
-    fn = _libc_close_range()
-    if fn is not None and fn(low, 0xFFFFFFFF, CLOSE_RANGE_CLOEXEC) == 0:
-        return
-    _cloexec_listed(low)
-
-
-def _cloexec_listed(low: int) -> None:
-    for name in os.listdir("/proc/self/fd"):
-        if int(name) >= low:
-            try:
-                os.set_inheritable(int(name), False)
-            except OSError:
-                pass   # the listing's own descriptor, closed by now
-
-
-def spawn(argv: list[str], env: dict, log: str) -> int:
-    """Start ``argv`` in a session of its own and return its pid.
-
-    stdin is /dev/null; stdout and stderr are appended to ``log`` (created 0644); the signals
-    Python ignores are back at their defaults and the signal mask is empty; only descriptors
-    0-2 are inherited. ``env`` maps str or bytes; a program without a ``/`` is looked up in
-    its PATH, as subprocess does. Raises OSError when the log cannot be opened or the program
-    cannot be run. One ``posix_spawn`` (vfork and exec in C): no Python runs in the child.
-    """
-    if not argv:
-        raise ValueError("empty command")
-    cloexec_from(3)
-    program = _program_path(argv[0], env)
-    # The child opens the log: the same wall time as opening it here and passing the fd (the
-    # agent waits for the exec either way), with fewer system calls made from Python.
-    actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-               (os.POSIX_SPAWN_OPEN, 1, log, LOG_FLAGS, 0o644), (os.POSIX_SPAWN_DUP2, 1, 2)]
-    return os.posix_spawn(program, argv, env, file_actions=actions, setsid=True,
-                          setsigdef=DEFAULT_SIGNALS, setsigmask=())
-
-
-def _program_path(program: str, env: dict) -> str:
-    """``program`` if it names a path, else where ``env``'s PATH finds it (FileNotFoundError
-    if nowhere)."""
-    if "/" in program:
-        return program
-    path = env.get(b"PATH") if b"PATH" in env else env.get("PATH")
-    path = os.fsencode(path) if isinstance(path, str) else path
-    found = _which(program, path)
-    if found is None:
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
-    return found
-
-
-_FOUND: dict[tuple[str, bytes | None], str] = {}
-
-
-def _which(program: str, path: bytes | None) -> str | None:
-    """``program``'s path on ``path``, looked up once and remembered (a program not found is
-    looked up again next time). libc's posix_spawnp would instead try an execve in every PATH
-    folder before the right one (about ten on a venv's PATH) on every launch, while the agent
-    waits."""
-    key = (program, path)
-    found = _FOUND.get(key)
-    if found is None:
-        found = shutil.which(program, path=os.fsdecode(path) if path is not None else os.defpath)
-        if found is not None:
-            _FOUND[key] = found
-    return found
-
-
-class Spawned:
-    """A launched process, as :meth:`Runner._spawn` returns it."""
-
-    __slots__ = ("pid",)
-
-    def __init__(self, pid: int):
-        self.pid = pid
 
 
 # ---- one attempt --------------------------------------------------------------------
@@ -377,7 +282,8 @@ class Runner:
             return warm_spawn(self.run.command, self.run.log, task_env(self.run))
         # The log is appended to: an interrupted attempt gives its number back, and its output
         # must not be lost when the same attempt number runs again after a restart.
-        return Spawned(spawn(argv_of(self.run.command), _task_envb(self.run), self.run.log))
+        entries, path = _task_env_entries(self.run)
+        return Spawned(spawn(argv_of(self.run.command), entries, self.run.log, path))
 
     def _launch_failed(self, err: Exception) -> TaskFinished:
         _made_dirs.discard(self.run.log.rpartition("/")[0])   # made again next time, if it was removed

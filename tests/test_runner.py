@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,10 +12,11 @@ import time
 
 import pytest
 
-from pilot import nodes, runner as runner_module
+from pilot import nodes, runner as runner_module, spawn as spawn_module
 from pilot.events import Failure, TaskStarted
 from pilot.protocol import RunTask
-from pilot.runner import ProcessTable, Runner, WatchConfig, argv_of, cloexec_from, log_path, task_env
+from pilot.runner import ProcessTable, Runner, WatchConfig, argv_of, log_path, task_env
+from pilot.spawn import cloexec_from
 from tests.helpers import PAYLOAD, ROOT, wait_for
 
 FAST = WatchConfig(tolerance=1.10, sample_interval=0.05, kill_grace=0.5)
@@ -244,8 +246,38 @@ def test_task_inherits_only_stdio_a_clean_signal_state_and_its_own_session(tmp_p
     check_inheritance(seen, make_run(tmp_path, "").log)
 
 
+def test_tasks_launched_through_fork_exec_inherit_the_same(tmp_path):
+    """The launch an agent's main thread uses when it blocks no signal (probe() blocks one, so
+    its tasks go through posix_spawn)."""
+    assert spawn_module.fork_exec_usable() and not signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    leak = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(leak, True)
+    env = spawn_module.env_list(os.environ)
+    logs = [str(tmp_path / "probe.log"), str(tmp_path / "signals.log")]
+    try:
+        for argv, log in (([sys.executable, "-c", PROBE], logs[0]), (SIGNAL_PROBE, logs[1])):
+            program = argv[0] if "/" in argv[0] else shutil.which(argv[0])
+            _, status = os.waitpid(spawn_module._fork_exec(program, argv, env, log), 0)
+            assert status == 0, open(log).read()
+    finally:
+        os.close(leak)
+    seen = {line.split()[0]: line.split()[1:] for line in open(logs[0]).read().splitlines()}
+    check_inheritance(seen | {line.split()[0]: int(line.split()[1], 16) for line in open(logs[1])}, logs[0])
+
+
+def test_fork_exec_reports_what_kept_the_program_from_running(tmp_path):
+    script = tmp_path / "not-executable"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o644)
+    env, log = spawn_module.env_list(os.environ), str(tmp_path / "log")
+    with pytest.raises(PermissionError):
+        spawn_module._fork_exec(str(script), [str(script)], env, log)
+    with pytest.raises(FileNotFoundError):
+        spawn_module._fork_exec(str(tmp_path / "nowhere"), ["nowhere"], env, log)
+
+
 def test_without_close_range_descriptors_are_marked_from_the_fd_listing(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner_module, "_libc_close_range", lambda: None)
+    monkeypatch.setattr(spawn_module, "_libc_close_range", lambda: None)
     leak = os.open(os.devnull, os.O_RDONLY)
     try:
         os.set_inheritable(leak, True)
@@ -258,21 +290,26 @@ def test_without_close_range_descriptors_are_marked_from_the_fd_listing(tmp_path
 
 def test_agent_environment_drops_mpi_variables_and_both_encodings_agree(tmp_path):
     os.environ["PMI_RANK"] = "3"
-    for cache in (runner_module._agent_env, runner_module._agent_envb, runner_module._shape_envb):
+    caches = (runner_module._agent_env, runner_module._agent_envb, runner_module._shape_envb,
+              runner_module._shape_entries)
+    for cache in caches:
         cache.cache_clear()
+
+    def launched_env(run):
+        return dict(os.fsdecode(e).split("=", 1) for e in runner_module._task_env_entries(run)[0])
+
     try:
         run = make_run(tmp_path, "env", env={"WORD": "caf\u00e9", "PATH": "/opt/x:/bin"})
         text = task_env(run)
         assert "PMI_RANK" not in text and text["WORD"] == "caf\u00e9" and text["PATH"] == "/opt/x:/bin"
-        assert {os.fsdecode(k): os.fsdecode(v) for k, v in runner_module._task_envb(run).items()} == text
+        assert launched_env(run) == text
         plain = make_run(tmp_path, "env")   # without a task env: the shared part comes from a cache
-        assert ({os.fsdecode(k): os.fsdecode(v) for k, v in runner_module._task_envb(plain).items()}
-                == task_env(plain))
+        assert launched_env(plain) == task_env(plain)
         _, result = attempt(tmp_path, "env")
         assert "PMI_RANK=3" not in open(result.log).read().splitlines()
     finally:
         del os.environ["PMI_RANK"]
-        for cache in (runner_module._agent_env, runner_module._agent_envb, runner_module._shape_envb):
+        for cache in caches:
             cache.cache_clear()
 
 
