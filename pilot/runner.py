@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pilot import nodes
 from pilot.events import Failure, TaskFinished, TaskStarted
 from pilot.protocol import RunTask
-from pilot.spawn import Spawned, spawn
+from pilot.spawn import Spawned, fork_exec_here, spawn
 
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 OOM_READ_MAX_AGE = 0.01   # seconds: launches this close together share one read of the OOM counter
@@ -184,8 +184,21 @@ def task_env(run: RunTask, base=None) -> dict[str, str]:
     return env
 
 
+def _task_envb(run: RunTask) -> dict[bytes, bytes]:
+    """:func:`task_env` of the agent's environment, encoded (for posix_spawn)."""
+    if run.env:
+        return _encoded_with(_attempt_vars(run))
+    # Without a task env only the id and the attempt differ between the launches of one label on
+    # one node: the rest is encoded once.
+    env = _shape_envb(run.label, run.node_name, run.memory_mb, run.cpus).copy()
+    env[b"PILOT_TASK_ID"] = run.task_id.encode(FS_ENCODING, FS_ERRORS)
+    env[b"PILOT_ATTEMPT"] = b"%d" % run.attempt
+    return env
+
+
 def _task_env_entries(run: RunTask) -> tuple[list[bytes], bytes | None]:
-    """:func:`task_env` of the agent's environment as ``b"NAME=value"`` entries, and its PATH."""
+    """:func:`task_env` of the agent's environment as ``b"NAME=value"`` entries (for fork_exec),
+    and its PATH."""
     if run.env:
         env = _encoded_with(_attempt_vars(run))
         if any(not k or b"=" in k for k in env):
@@ -282,8 +295,10 @@ class Runner:
             return warm_spawn(self.run.command, self.run.log, task_env(self.run))
         # The log is appended to: an interrupted attempt gives its number back, and its output
         # must not be lost when the same attempt number runs again after a restart.
-        entries, path = _task_env_entries(self.run)
-        return Spawned(spawn(argv_of(self.run.command), entries, self.run.log, path))
+        if fork_exec_here():
+            entries, path = _task_env_entries(self.run)
+            return Spawned(spawn(argv_of(self.run.command), entries, self.run.log, path))
+        return Spawned(spawn(argv_of(self.run.command), _task_envb(self.run), self.run.log))
 
     def _launch_failed(self, err: Exception) -> TaskFinished:
         _made_dirs.discard(self.run.log.rpartition("/")[0])   # made again next time, if it was removed

@@ -53,11 +53,16 @@ def spawn(argv: list[str], env, log: str, path: bytes | None = None) -> int:
         program = _program_path(argv[0], path)
     else:
         program = _program_path(argv[0], _path_of(env))
-    # fork_exec's child keeps the calling thread's signal mask: it serves only a thread that
-    # blocks nothing (an agent's main thread does not).
-    if fork_exec_usable() and not signal.pthread_sigmask(signal.SIG_BLOCK, ()):
+    if fork_exec_here():
         return _fork_exec(program, argv, env if isinstance(env, list) else env_list(env), log)
     return _posix_spawn(program, argv, env if not isinstance(env, list) else _env_dict(env), log)
+
+
+def fork_exec_here() -> bool:
+    """Whether :func:`spawn` launches through fork_exec on this thread (it then takes the
+    environment as a list best). fork_exec's child keeps the calling thread's signal mask: it
+    serves only a thread that blocks nothing (an agent's main thread does not, as a rule)."""
+    return fork_exec_usable() and not signal.pthread_sigmask(signal.SIG_BLOCK, ())
 
 
 def env_list(env) -> list[bytes]:

@@ -303,8 +303,11 @@ def test_agent_environment_drops_mpi_variables_and_both_encodings_agree(tmp_path
         text = task_env(run)
         assert "PMI_RANK" not in text and text["WORD"] == "caf\u00e9" and text["PATH"] == "/opt/x:/bin"
         assert launched_env(run) == text
+        assert {os.fsdecode(k): os.fsdecode(v) for k, v in runner_module._task_envb(run).items()} == text
         plain = make_run(tmp_path, "env")   # without a task env: the shared part comes from a cache
         assert launched_env(plain) == task_env(plain)
+        assert ({os.fsdecode(k): os.fsdecode(v) for k, v in runner_module._task_envb(plain).items()}
+                == task_env(plain))
         _, result = attempt(tmp_path, "env")
         assert "PMI_RANK=3" not in open(result.log).read().splitlines()
     finally:
