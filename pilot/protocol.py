@@ -12,6 +12,7 @@ Directions: agents send :class:`Hello`, ``TaskStarted``, ``TaskFinished`` and
 from __future__ import annotations
 
 import enum
+import operator
 import typing
 from dataclasses import dataclass, fields
 
@@ -99,14 +100,20 @@ def _enum_fields(cls) -> tuple[tuple[int, type], ...]:
 
 _ENUMS = {cls: _enum_fields(cls) for cls in MESSAGE_TYPES}
 _NAMES = {cls: tuple(f.name for f in fields(cls)) for cls in MESSAGE_TYPES}
+# One C call reads a message's fields (and its type code) in order: a message per task each way
+_VALUES = {cls: operator.attrgetter(*_NAMES[cls]) if len(_NAMES[cls]) > 1 else
+           (lambda m, name=_NAMES[cls][0]: (getattr(m, name),)) for cls in MESSAGE_TYPES}
 
 
 def to_wire(message) -> tuple:
     """A message as ``(type code, values...)``, builtins only (enums become ints)."""
     cls = type(message)
-    values = [getattr(message, name) for name in _NAMES[cls]]
-    for i, _ in _ENUMS[cls]:
-        values[i] = int(values[i])
+    values = _VALUES[cls](message)
+    enums = _ENUMS[cls]
+    if enums:
+        values = list(values)
+        for i, _ in enums:
+            values[i] = int(values[i])
     return (_CODE[cls], *values)
 
 
@@ -116,9 +123,22 @@ def from_wire(wire) -> object:
         cls = MESSAGE_TYPES[wire[0]]
     except (IndexError, TypeError, KeyError) as err:
         raise ValueError(f"not a pilot message: {wire!r:.200}") from err
-    values = list(wire[1:])
+    values = wire[1:]
     if len(values) != len(_NAMES[cls]):
         raise ValueError(f"{cls.__name__} needs {len(_NAMES[cls])} fields, got {len(values)}")
-    for i, kind in _ENUMS[cls]:
-        values[i] = kind(values[i])
+    enums = _ENUMS[cls]
+    if enums:
+        values = list(values)
+        for i, kind in enums:
+            values[i] = kind(values[i])
+    if cls in _PLAIN:
+        # What the frozen dataclass's __init__ would do, without its object.__setattr__ per field
+        message = _new(cls)
+        message.__dict__.update(zip(_NAMES[cls], values))
+        return message
     return cls(*values)
+
+
+_new = object.__new__
+# Messages whose __init__ only stores its arguments (no __post_init__, no slots)
+_PLAIN = frozenset(cls for cls in MESSAGE_TYPES if not hasattr(cls, "__post_init__") and not hasattr(cls, "__slots__"))
