@@ -169,3 +169,27 @@ def test_srun_inside_salloc(slurm_env, tmp_path):
     assert {r["node"] for r in records} <= NODES and min(r["start"] for r in records) > started
     # node memory and cores come from Slurm's environment (SLURM_MEM_PER_NODE, SLURM_CPUS_ON_NODE)
     assert f"({TASK_MB} MB, 2 cores)" in proc.stderr
+
+
+def test_two_agents_per_node_share_each_node(slurm_env, run, tmp_path):
+    """A site file with agents_per_node: 2 starts two agent ranks on every node; the tasks of a
+    node come from both (their parent, the agent, differs), and the job ends well.
+    --overcommit: the emulated nodes have 2 CPUs, and the first also holds the master."""
+    site_text = (Path(__file__).resolve().parent.parent / "slurm" / "sites" / "local.yaml").read_text()
+    site_text = site_text.replace("launch: srun ", "launch: srun --overcommit ") + "agents_per_node: 2\n"
+    site = tmp_path / "two-agents.yaml"
+    site.write_text(site_text)
+    record = tmp_path / "parents.txt"
+    workflow = tmp_path / "wf.yaml"
+    workflow.write_text("requestMemory: 100\ntasks:\n" + "".join(
+        f"  - {{id: t{i:02d}, command: 'echo $PILOT_NODE $PPID >> {record}; sleep 0.3'}}\n" for i in range(24)))
+    proc = pilot(slurm_env, "submit", str(workflow), "--site", str(site), "--nodes", "2", "--run-dir", str(run),
+                 "--walltime", "00:05:00")
+    assert proc.returncode == 0, proc.stderr
+    ends = wait_chain_done(run, proc.stdout.strip(), timeout=120)
+    assert [e["exit"] for e in ends] == [0]
+    agents: dict[str, set[str]] = {}
+    for line in record.read_text().splitlines():
+        node, parent = line.split()
+        agents.setdefault(node, set()).add(parent)
+    assert len(agents) == 2 and all(len(parents) == 2 for parents in agents.values()), agents
