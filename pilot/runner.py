@@ -297,7 +297,7 @@ class Runner:
         # must not be lost when the same attempt number runs again after a restart.
         if fork_exec_here():
             entries, path = _task_env_entries(self.run)
-            return Spawned(spawn(argv_of(self.run.command), entries, self.run.log, path))
+            return Spawned(spawn(argv_of(self.run.command), entries, self.run.log, path, fork_exec=True))
         return Spawned(spawn(argv_of(self.run.command), _task_envb(self.run), self.run.log))
 
     def _launch_failed(self, err: Exception) -> TaskFinished:

@@ -40,12 +40,13 @@ class Spawned:
         self.pid = pid
 
 
-def spawn(argv: list[str], env, log: str, path: bytes | None = None) -> int:
+def spawn(argv: list[str], env, log: str, path: bytes | None = None, fork_exec: bool | None = None) -> int:
     """Start ``argv`` as described in the module docstring; its pid.
 
     ``env``: a mapping (str or bytes), or a list of ``b"NAME=value"`` with ``path`` its PATH.
     A program without a ``/`` is looked up in that PATH, as subprocess does. Raises OSError
-    when the log cannot be opened or the program cannot be run.
+    when the log cannot be opened or the program cannot be run. ``fork_exec``: what
+    :func:`fork_exec_here` said, if the caller asked it already.
     """
     if not argv:
         raise ValueError("empty command")
@@ -53,7 +54,7 @@ def spawn(argv: list[str], env, log: str, path: bytes | None = None) -> int:
         program = _program_path(argv[0], path)
     else:
         program = _program_path(argv[0], _path_of(env))
-    if fork_exec_here():
+    if fork_exec_here() if fork_exec is None else fork_exec:
         return _fork_exec(program, argv, env if isinstance(env, list) else env_list(env), log)
     return _posix_spawn(program, argv, env if not isinstance(env, list) else _env_dict(env), log)
 
@@ -99,12 +100,8 @@ def fork_exec_usable() -> bool:
 def _fork_exec(program: str, argv: list[str], env: list[bytes], log: str) -> int:
     import _posixsubprocess
 
-    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        out = os.open(log, LOG_FLAGS | os.O_CLOEXEC, 0o644)
-    except OSError:
-        os.close(null)
-        raise
+    null = _devnull()
+    out = os.open(log, LOG_FLAGS | os.O_CLOEXEC, 0o644)
     error_read, error_write = os.pipe2(os.O_CLOEXEC)   # the child reports a failed exec here
     try:
         pid = _posixsubprocess.fork_exec(
@@ -112,8 +109,8 @@ def _fork_exec(program: str, argv: list[str], env: list[bytes], log: str) -> int
             null, -1, -1, out, -1, out, error_read, error_write,
             True, True, -1, None, None, None, -1, None, True)
     finally:
-        for fd in (error_write, null, out):
-            os.close(fd)
+        os.close(error_write)
+        os.close(out)
     try:
         report = os.read(error_read, 4096)
     finally:
@@ -122,6 +119,12 @@ def _fork_exec(program: str, argv: list[str], env: list[bytes], log: str) -> int
         os.waitpid(pid, 0)
         raise _exec_error(report, program)
     return pid
+
+
+@functools.lru_cache(maxsize=1)
+def _devnull() -> int:
+    """/dev/null, opened once (close-on-exec): every task's stdin is a copy of it."""
+    return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
 
 def _exec_error(report: bytes, program: str) -> OSError:
