@@ -102,16 +102,20 @@ def _fork_exec(program: str, argv: list[str], env: list[bytes], log: str) -> int
 
     null = _devnull()
     out = os.open(log, LOG_FLAGS | os.O_CLOEXEC, 0o644)
-    error_read, error_write = os.pipe2(os.O_CLOEXEC)   # the child reports a failed exec here
     try:
-        pid = _posixsubprocess.fork_exec(
-            [os.fsencode(a) for a in argv], [os.fsencode(program)], True, (error_write,), None, env,
-            null, -1, -1, out, -1, out, error_read, error_write,
-            True, True, -1, None, None, None, -1, None, True)
-    finally:
-        os.close(error_write)
+        error_read, error_write = os.pipe2(os.O_CLOEXEC)   # the child reports a failed exec here
+    except OSError:
         os.close(out)
+        raise
     try:
+        try:
+            pid = _posixsubprocess.fork_exec(
+                [os.fsencode(a) for a in argv], [os.fsencode(program)], True, (error_write,), None, env,
+                null, -1, -1, out, -1, out, error_read, error_write,
+                True, True, -1, None, None, None, -1, None, True)
+        finally:
+            os.close(error_write)
+            os.close(out)
         report = os.read(error_read, 4096)
     finally:
         os.close(error_read)

@@ -158,15 +158,22 @@ def test_launch_error(tmp_path):
     assert "cannot launch" in open(result.log).read()
 
 
+def open_fds() -> set[int]:
+    """This process's open descriptors (without the one that lists them)."""
+    return {int(fd) for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")}
+
+
 def test_launch_errors_of_each_kind(tmp_path):
     script = tmp_path / "not-executable"
     script.write_text("#!/bin/sh\nexit 0\n")
     script.chmod(0o644)
+    fds = open_fds()
     for command, env in (([str(script)], None), (["no-such-program-anywhere"], None),
                          (["true"], {"BAD=NAME": "x"}), (["true", "nul\0byte"], None), ([], None)):
         result = Runner(make_run(tmp_path, command, env=env), FAST).start()
         assert result.failure == Failure.LAUNCH, command
     assert open(result.log).read().count("pilot: cannot launch") == 5
+    assert open_fds() <= fds | {spawn_module._devnull()}, "a failed launch left a descriptor open"
 
 
 def test_a_log_folder_that_cannot_be_made_is_a_launch_error(tmp_path):
