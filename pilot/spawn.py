@@ -9,7 +9,7 @@ Two ways to start it, the same for the task:
 - CPython's own fork-and-exec for subprocess (``_posixsubprocess.fork_exec``, a vfork), when
   the calling thread blocks no signal (its child keeps the caller's mask): its child resets
   two signals where glibc's ``posix_spawn`` child reads and resets the handlers of all 64 (about
-  120 system calls), which costs a null task about 30 us of CPU. Its arguments are CPython's
+  120 system calls), which costs a null task about 40 us of CPU. Its arguments are CPython's
   private interface: they are checked once (:func:`fork_exec_usable`), and a Python where they
   differ uses the other way.
 - ``os.posix_spawn``, with the mask emptied in the child.
