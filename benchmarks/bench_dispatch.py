@@ -123,9 +123,9 @@ ENV_ENTRIES = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in os.environ.ite
 
 def spawn_fork_exec(i: int, logdir: Path | None) -> None:
     """The agents' launch primitive (pilot.spawn), without an agent around it."""
-    from pilot.spawn import _fork_exec
+    from pilot.spawn import spawn_forked
 
-    _fork_exec(TRUE, ["true"], ENV_ENTRIES, os.devnull if logdir is None else _log_file(i, logdir))
+    spawn_forked([TRUE], ENV_ENTRIES, os.devnull if logdir is None else _log_file(i, logdir), None)
 
 
 PILOT_OPTIONS: list[str] = []   # more `pilot run` options (--pilot-option)

@@ -103,12 +103,12 @@ def runner_loop(n: int, concurrency: int, logdir: Path) -> None:
 
 
 def fork_exec_launcher(logdir: Path):
-    from pilot.spawn import _fork_exec, env_list
+    from pilot.spawn import env_list, spawn_forked
 
     env, true = env_list(os.environ), shutil.which("true")
 
     def launch(i: int) -> tuple[int, None]:
-        return _fork_exec(true, ["true"], env, log_path(logdir, i, f"t{i}", 1)), None
+        return spawn_forked([true], env, log_path(logdir, i, f"t{i}", 1), None), None
     return launch
 
 

@@ -5,7 +5,7 @@ and :meth:`Runner.poll` until it returns the attempt's :class:`~pilot.events.Tas
 
 - The task runs in its own session and process group (a list command as argv, a string
   through ``/bin/sh -c``); stdout and stderr go to one log file. It is started by
-  :func:`pilot.spawn.spawn` (a vfork and exec in C): stdin from /dev/null, signal
+  :mod:`pilot.spawn` (a vfork and exec in C): stdin from /dev/null, signal
   dispositions and mask as subprocess gives them, and no descriptor but 0-2 inherited (MPI's
   among them).
 - Memory: the resident memory of the whole process tree (the task and all its descendants,
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pilot import nodes
 from pilot.events import Failure, TaskFinished, TaskStarted
 from pilot.protocol import RunTask
-from pilot.spawn import Spawned, fork_exec_here, spawn
+from pilot.spawn import Spawned, fork_exec_here, spawn, spawn_forked
 
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 OOM_READ_MAX_AGE = 0.01   # seconds: launches this close together share one read of the OOM counter
@@ -200,7 +200,7 @@ def _task_env_entries(run: RunTask) -> tuple[list[bytes], bytes | None]:
     """:func:`task_env` of the agent's environment as ``b"NAME=value"`` entries (for fork_exec),
     and its PATH."""
     if run.env:
-        env = _encoded_with(_attempt_vars(run))
+        env = _task_envb(run)
         if any(not k or b"=" in k for k in env):
             raise ValueError("illegal environment variable name")
         return [k + b"=" + v for k, v in env.items()], env.get(b"PATH")
@@ -297,7 +297,7 @@ class Runner:
         # must not be lost when the same attempt number runs again after a restart.
         if fork_exec_here():
             entries, path = _task_env_entries(self.run)
-            return Spawned(spawn(argv_of(self.run.command), entries, self.run.log, path, fork_exec=True))
+            return Spawned(spawn_forked(argv_of(self.run.command), entries, self.run.log, path))
         return Spawned(spawn(argv_of(self.run.command), _task_envb(self.run), self.run.log))
 
     def _launch_failed(self, err: Exception) -> TaskFinished:

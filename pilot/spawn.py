@@ -1,4 +1,4 @@
-"""Starting a task's process: :func:`spawn`.
+"""Starting a task's process: :func:`spawn_forked`, else :func:`spawn`.
 
 A task runs in a session and process group of its own; stdin is /dev/null, stdout and stderr
 are appended to its log; the signals Python ignores are back at their defaults and its signal
@@ -40,39 +40,30 @@ class Spawned:
         self.pid = pid
 
 
-def spawn(argv: list[str], env, log: str, path: bytes | None = None, fork_exec: bool | None = None) -> int:
-    """Start ``argv`` as described in the module docstring; its pid.
+def spawn_forked(argv: list[str], entries: list[bytes], log: str, path: bytes | None) -> int:
+    """Start ``argv`` (see the module docstring) through fork_exec; its pid. Only where
+    :func:`fork_exec_here`. ``entries``: the environment as ``b"NAME=value"``, ``path`` its PATH
+    (a program without a ``/`` is looked up there, as subprocess does). Raises OSError when the
+    log cannot be opened or the program cannot be run, ValueError for an empty ``argv``."""
+    return _fork_exec(_program(argv, path), argv, entries, log)
 
-    ``env``: a mapping (str or bytes), or a list of ``b"NAME=value"`` with ``path`` its PATH.
-    A program without a ``/`` is looked up in that PATH, as subprocess does. Raises OSError
-    when the log cannot be opened or the program cannot be run. ``fork_exec``: what
-    :func:`fork_exec_here` said, if the caller asked it already.
-    """
-    if not argv:
-        raise ValueError("empty command")
-    if isinstance(env, list):
-        program = _program_path(argv[0], path)
-    else:
-        program = _program_path(argv[0], _path_of(env))
-    if fork_exec_here() if fork_exec is None else fork_exec:
-        return _fork_exec(program, argv, env if isinstance(env, list) else env_list(env), log)
-    return _posix_spawn(program, argv, env if not isinstance(env, list) else _env_dict(env), log)
+
+def spawn(argv: list[str], env: dict, log: str) -> int:
+    """Start ``argv`` (see the module docstring) through posix_spawn, on any thread; its pid.
+    ``env`` maps str or bytes; errors as :func:`spawn_forked`."""
+    return _posix_spawn(_program(argv, _path_of(env)), argv, env, log)
 
 
 def fork_exec_here() -> bool:
-    """Whether :func:`spawn` launches through fork_exec on this thread (it then takes the
-    environment as a list best). fork_exec's child keeps the calling thread's signal mask: it
-    serves only a thread that blocks nothing (an agent's main thread does not, as a rule)."""
+    """Whether :func:`spawn_forked` may launch on this thread. fork_exec's child keeps the
+    calling thread's signal mask: it serves only a thread that blocks nothing (an agent's main
+    thread does not, as a rule)."""
     return fork_exec_usable() and not signal.pthread_sigmask(signal.SIG_BLOCK, ())
 
 
 def env_list(env) -> list[bytes]:
     """A mapping as ``b"NAME=value"`` entries."""
     return [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
-
-
-def _env_dict(entries: list[bytes]) -> dict[bytes, bytes]:
-    return dict(e.split(b"=", 1) for e in entries)
 
 
 def _path_of(env) -> bytes | None:
@@ -186,9 +177,12 @@ def _cloexec_listed(low: int) -> None:
 # ---- finding the program ----------------------------------------------------------------
 
 
-def _program_path(program: str, path: bytes | None) -> str:
-    """``program`` if it names a path, else where ``path`` (a PATH) finds it (FileNotFoundError
-    if nowhere)."""
+def _program(argv: list[str], path: bytes | None) -> str:
+    """The program ``argv`` runs: ``argv[0]`` if it names a path, else where ``path`` (a PATH)
+    finds it (FileNotFoundError if nowhere; ValueError if ``argv`` is empty)."""
+    if not argv:
+        raise ValueError("empty command")
+    program = argv[0]
     if "/" in program:
         return program
     found = _which(program, path)
