@@ -253,11 +253,16 @@ class DefaultPolicy(Policy):
     def order_key(self, graph, cluster):
         return -self.priority
 
-    def fit(self, task: int, m: int, k: int, label: int, view) -> int:
+    def _held_node(self, task: int, expected_end: float) -> int:
+        """The node held for the blocked head when ``task`` (not the head) would end after the
+        reservation's time: backfill keeps off it. -1 otherwise."""
         res = self.reservation
-        avoid = -1
-        if res is not None and res[0] != task and view.now + view.est[label] > res[2]:
-            avoid = res[1]
+        if res is not None and res[0] != task and expected_end > res[2]:
+            return res[1]
+        return -1
+
+    def fit(self, task: int, m: int, k: int, label: int, view) -> int:
+        avoid = self._held_node(task, view.now + view.est[label])
         fm, fc = view.fm, view.fc
         best, best_m, best_c = -1, 0, 0
         for j in view.open:
@@ -269,9 +274,7 @@ class DefaultPolicy(Policy):
         return best
 
     def may_queue(self, task: int, node: int, expected_end: float) -> bool:
-        # like backfill: the node held for a blocked head takes only what ends before its time
-        res = self.reservation
-        return res is None or res[1] != node or res[0] == task or expected_end <= res[2]
+        return self._held_node(task, expected_end) != node   # the rule of backfill
 
     def head(self, task: int) -> None:
         if self.reservation is not None and self.reservation[0] != task:
