@@ -137,15 +137,16 @@ def _queue_round(engine, now: float) -> list:
     from pilot.events import Launch, State
 
     qa, c = engine.queue, engine.cluster
-    est, labels = c.label_estimate, engine._labels
+    est, labels, after = c.label_estimate, engine._labels, qa.after_of
     slots = []
     for x in qa.tails:
-        root = qa.root(x)
-        free_at = max(now, c.start_of(root) + est.item(labels[root]))
-        for t in qa.chain(root):
-            free_at += est.item(labels[t])
-            if t == x:
-                break
+        ahead, t = [], x   # one walk back to the placed task, noting the queued ones' estimates
+        while t in after:
+            ahead.append(est.item(labels[t]))
+            t = after[t]
+        free_at = max(now, c.start_of(t) + est.item(labels[t]))
+        for seconds in reversed(ahead):   # summed from the placed task on, as they will run
+            free_at += seconds
         if free_at > now + qa.horizon:
             continue   # the chain already holds a horizon's worth of work
         slots.append((x, engine.node_of.item(x), engine.memory_request.item(x), engine._cpus[x], free_at))
