@@ -5,10 +5,11 @@ against bare loops that spawn the same tasks with the same concurrency, in the s
 
 Concurrency is agents x cores (every agent rank is an emulated node of `cores` cores; with
 ``--shared-node`` the agents are ranks of one node of `cores` cores). Each round runs, one after
-the other: bare loops with ``subprocess.Popen``, ``os.posix_spawn`` and CPython's fork_exec as
-the agents launch with it (``pilot.spawn``; this machine's fork/exec limit is the fastest of the
-three), the first two again writing each task's output to a new log file as the pilot does,
-then the pilot. The pilot's rate is taken over its dispatch window (first to last task start,
+the other: bare loops with ``subprocess.Popen``, ``os.posix_spawn``, CPython's fork_exec and
+the pilot's own native launch (``pilot._launch``, as the agents launch; this machine's fork/exec
+limit is the fastest of the four; see benchmarks/bare_launch.py), Popen, posix_spawn and the
+native launch again writing each task's output to a new log file as the pilot does, then the
+pilot. The pilot's rate is taken over its dispatch window (first to last task start,
 from the checkpoint: no start-up); its ratio is against the fastest bare loop without logs, the
 goal being >= 0.9. The same ratio is
 also printed round by round (each round's loops run within seconds of each other, so a round's
@@ -44,6 +45,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import bare_launch  # noqa: E402  (beside this script)
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -73,9 +76,9 @@ class Figures:
 
 def bare_loop(tasks: int, concurrency: int, spawn: str, logdir: Path | None = None) -> Figures:
     """Spawn `true` `tasks` times keeping `concurrency` in flight, with subprocess.Popen,
-    os.posix_spawn or CPython's fork_exec as the agents use it (``spawn``); with ``logdir``
+    os.posix_spawn, CPython's fork_exec or the pilot's native launch (``spawn``); with ``logdir``
     each task's output goes to a new file laid out as the pilot's task logs."""
-    launch = {"popen": spawn_popen, "posix": spawn_posix, "fork_exec": spawn_fork_exec}[spawn]
+    launch = {"popen": spawn_popen, "posix": spawn_posix, "fork_exec": spawn_fork_exec, "native": spawn_native}[spawn]
     (own0, kids0), began = cpu_split(), time.perf_counter()
     running, started = 0, 0
     while started < tasks or running:
@@ -118,14 +121,16 @@ def spawn_posix(i: int, logdir: Path | None) -> None:
         (os.POSIX_SPAWN_DUP2, 1, 2)])
 
 
-ENV_ENTRIES = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in os.environ.items()]
+ENV_ENTRIES = bare_launch.env_entries()
 
 
 def spawn_fork_exec(i: int, logdir: Path | None) -> None:
-    """The agents' launch primitive (pilot.spawn), without an agent around it."""
-    from pilot.spawn import spawn_forked
+    bare_launch.fork_exec(TRUE, ENV_ENTRIES, os.devnull if logdir is None else _log_file(i, logdir))
 
-    spawn_forked([TRUE], ENV_ENTRIES, os.devnull if logdir is None else _log_file(i, logdir), None)
+
+def spawn_native(i: int, logdir: Path | None) -> None:
+    """The agents' launch (pilot._launch), without an agent around it."""
+    bare_launch.native(TRUE, ENV_ENTRIES, os.devnull if logdir is None else _log_file(i, logdir))
 
 
 PILOT_OPTIONS: list[str] = []   # more `pilot run` options (--pilot-option)
@@ -192,8 +197,8 @@ def slot_gap_run(tasks: int, agents: int, cores: int) -> None:
           f"load average {os.getloadavg()[0]:.1f}")
 
 
-BARE = ("bare Popen", "bare posix_spawn", "bare fork_exec")   # the ratio is against the fastest
-LOOPS = (*BARE, "bare Popen + logs", "bare posix_spawn + logs", "pilot")
+BARE = ("bare Popen", "bare posix_spawn", "bare fork_exec", "bare native")   # the ratio is against the fastest
+LOOPS = (*BARE, "bare Popen + logs", "bare posix_spawn + logs", "bare native + logs", "pilot")
 
 
 def one_round(folder: Path, tasks: int, agents: int, cores: int) -> dict[str, Figures]:
@@ -203,8 +208,10 @@ def one_round(folder: Path, tasks: int, agents: int, cores: int) -> dict[str, Fi
         "bare Popen": bare_loop(tasks, concurrency, "popen"),
         "bare posix_spawn": bare_loop(tasks, concurrency, "posix"),
         "bare fork_exec": bare_loop(tasks, concurrency, "fork_exec"),
+        "bare native": bare_loop(tasks, concurrency, "native"),
         "bare Popen + logs": bare_loop(tasks, concurrency, "popen", folder / "popen.logs"),
         "bare posix_spawn + logs": bare_loop(tasks, concurrency, "posix", folder / "posix.logs"),
+        "bare native + logs": bare_loop(tasks, concurrency, "native", folder / "native.logs"),
         "pilot": pilot_figures(folder, tasks, agents, cores),
     }
 
@@ -258,6 +265,10 @@ def main() -> None:
     parser.add_argument("--shared-node", action="store_true", help="the agents are ranks of one node of "
                         "--cores cores (as several agent ranks per node under srun), not a node each")
     args = parser.parse_args()
+    from pilot.spawn import native_usable
+
+    if not native_usable():
+        sys.exit("pilot._launch is not built or not usable here (scripts/setup.sh builds it)")
     PILOT_OPTIONS.extend(args.pilot_option)
     global SHARED_NODE
     SHARED_NODE = args.shared_node

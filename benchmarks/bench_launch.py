@@ -9,15 +9,17 @@ pilot's task logs:
 
 - ``popen``: a bare ``subprocess.Popen`` loop (own session, stdin from /dev/null, log appended);
 - ``posix_spawn``: a bare ``os.posix_spawnp`` loop doing the same (the child opens the log);
-- ``fork_exec``: a bare loop of the launch the runner uses (``pilot.spawn``: CPython's
-  fork_exec, the log opened by the parent);
+- ``fork_exec``: a bare loop of CPython's fork_exec (what subprocess uses, called directly; the
+  log opened by the parent; see bare_launch.py);
+- ``native``: a bare loop of the launch the runner uses (``pilot._launch``: the log opened, vfork
+  and exec in one C call);
 - ``runner``: :class:`pilot.runner.Runner` (what an agent does per attempt: environment, log,
   launch, pidfd, reaping, group kill of leftovers, result), woken by the pidfds as the agent is.
 
 Printed per loop (median over rounds): launches/s, the parent's own CPU in microseconds per
 launch (the launcher's overhead: Python, syscalls; the child's exec is not in it) and the
 children's CPU per launch (Popen's parent opens the log, the spawned children open their own).
-The ratio runner/fork_exec is what the runner adds to the floor.
+The ratio runner/native is what the runner adds to the floor.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import bare_launch  # noqa: E402  (beside this script)
 from pilot.protocol import RunTask  # noqa: E402
 from pilot.runner import Runner, WatchConfig, log_path  # noqa: E402
 
@@ -102,14 +105,15 @@ def runner_loop(n: int, concurrency: int, logdir: Path) -> None:
             running.pop(fd).poll(exited=True)   # a readable pidfd: it has ended
 
 
-def fork_exec_launcher(logdir: Path):
-    from pilot.spawn import env_list, spawn_forked
+def bare_launcher(how):
+    """A launcher of `true` through ``how`` (a function of bare_launch.py)."""
+    def make(logdir: Path):
+        env, true = bare_launch.env_entries(), shutil.which("true")
 
-    env, true = env_list(os.environ), shutil.which("true")
-
-    def launch(i: int) -> tuple[int, None]:
-        return spawn_forked([true], env, log_path(logdir, i, f"t{i}", 1), None), None
-    return launch
+        def launch(i: int) -> tuple[int, None]:
+            return how(true, env, log_path(logdir, i, f"t{i}", 1)), None
+        return launch
+    return make
 
 
 def make_dirs(logdir: Path, n: int) -> None:
@@ -125,7 +129,8 @@ def measure(name: str, n: int, concurrency: int, logdir: Path) -> tuple[float, f
     if name == "runner":
         runner_loop(n, concurrency, logdir)
     else:
-        launcher = {"popen": popen_launcher, "posix_spawn": spawn_launcher, "fork_exec": fork_exec_launcher}[name](logdir)
+        launcher = {"popen": popen_launcher, "posix_spawn": spawn_launcher, "fork_exec": bare_launcher(bare_launch.fork_exec),
+                    "native": bare_launcher(bare_launch.native)}[name](logdir)
         bare_loop(launcher, n, concurrency)
     wall = time.perf_counter() - began
     self1, kids1 = usage()
@@ -160,7 +165,7 @@ def main() -> None:
     args = parse_args()
     for k in range(len(os.environ), args.env_size):
         os.environ[f"BENCH_PAD_{k}"] = f"/some/typical/value/{k}"
-    names = ("popen", "posix_spawn", "fork_exec", "runner")
+    names = ("popen", "posix_spawn", "fork_exec", "native", "runner")
     med = run_rounds(args, names)
     print(f"`true` x {args.launches}, concurrency {args.concurrency}, median of {args.rounds} rounds, "
           f"{len(os.environ)} environment variables, logs in {args.dir or tempfile.gettempdir()}, "
@@ -169,8 +174,8 @@ def main() -> None:
         rate, own, kids = med[name]
         print(f"{name:12s} {rate:7.0f} launches/s   own CPU {own:6.1f} us/launch   "
               f"children {kids:6.1f} us/launch")
-    runner, floor, popen = med["runner"], med["fork_exec"], med["popen"]
-    print(f"runner / fork_exec: rate {runner[0] / floor[0]:.2f}, own CPU {runner[1] / floor[1]:.2f}; "
+    runner, floor, popen = med["runner"], med["native"], med["popen"]
+    print(f"runner / native: rate {runner[0] / floor[0]:.2f}, own CPU {runner[1] / floor[1]:.2f}; "
           f"runner / popen: rate {runner[0] / popen[0]:.2f}, own CPU {runner[1] / popen[1]:.2f}")
 
 

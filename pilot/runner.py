@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pilot import nodes
 from pilot.events import Failure, TaskFinished, TaskStarted
 from pilot.protocol import RunTask
-from pilot.spawn import Spawned, fork_exec_here, spawn, spawn_forked
+from pilot.spawn import launch_native, native_usable, reap, spawn_posix
 
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 OOM_READ_MAX_AGE = 0.01   # seconds: launches this close together share one read of the OOM counter
@@ -197,7 +197,7 @@ def _task_envb(run: RunTask) -> dict[bytes, bytes]:
 
 
 def _task_env_entries(run: RunTask) -> tuple[list[bytes], bytes | None]:
-    """:func:`task_env` of the agent's environment as ``b"NAME=value"`` entries (for fork_exec),
+    """:func:`task_env` of the agent's environment as ``b"NAME=value"`` entries (for the native launch),
     and its PATH."""
     if run.env:
         env = _task_envb(run)
@@ -234,8 +234,11 @@ def _encoded_with(variables: dict[str, str]) -> dict[bytes, bytes]:
 
 def log_path(logdir: str | os.PathLike, task: int, task_id: str, attempt: int) -> str:
     """``LOGDIR/<task // 1000 as 5 digits>/<task id>.<attempt>.log`` (``/`` in ids becomes ``_``)."""
-    safe = task_id.replace("/", "_")
-    return os.path.join(os.fspath(logdir), f"{task // 1000:05d}", f"{safe}.{attempt}.log")
+    # Formatted rather than joined: rank 0 makes one per launch.
+    folder = os.fspath(logdir)
+    if not folder.endswith("/"):
+        folder += "/"
+    return f"{folder}{task // 1000:05d}/{task_id.replace('/', '_')}.{attempt}.log"
 
 
 def argv_of(command) -> list[str]:
@@ -279,26 +282,27 @@ class Runner:
         self.started_mono = time.monotonic()
         self._oom_before = nodes.recent_oom_kill_count(OOM_READ_MAX_AGE)
         try:
-            self.pid = self._spawn().pid
+            self.pid, self.pidfd = self._launch()
         except (OSError, ValueError) as err:   # ValueError: a NUL or a "=" where none may be
             return self._launch_failed(err)
         self._live = True
-        self.pidfd = os.pidfd_open(self.pid)
         return TaskStarted(self.run.task, self.run.attempt, self.run.node, self.start_time, self.pid)
 
-    def _spawn(self):
-        """Launch the attempt; an object with the ``pid`` of a child of this process."""
-        _make_dir(self.run.log.rpartition("/")[0])
-        if self.run.env and self.run.env.get("PILOT_LSST_MODE") == "warm":
+    def _launch(self) -> tuple[int, int]:
+        """Launch the attempt: the pid of a child of this process, and its pidfd."""
+        run = self.run
+        _make_dir(run.log.rpartition("/")[0])
+        if run.env and run.env.get("PILOT_LSST_MODE") == "warm":
             from pilot.lsst.warm import spawn as warm_spawn
 
-            return warm_spawn(self.run.command, self.run.log, task_env(self.run))
+            pid = warm_spawn(run.command, run.log, task_env(run)).pid
+            return pid, os.pidfd_open(pid)
         # The log is appended to: an interrupted attempt gives its number back, and its output
         # must not be lost when the same attempt number runs again after a restart.
-        if fork_exec_here():
-            entries, path = _task_env_entries(self.run)
-            return Spawned(spawn_forked(argv_of(self.run.command), entries, self.run.log, path))
-        return Spawned(spawn(argv_of(self.run.command), _task_envb(self.run), self.run.log))
+        if native_usable():
+            entries, path = _task_env_entries(run)
+            return launch_native(argv_of(run.command), entries, run.log, path)
+        return spawn_posix(argv_of(run.command), _task_envb(run), run.log)
 
     def _launch_failed(self, err: Exception) -> TaskFinished:
         _made_dirs.discard(self.run.log.rpartition("/")[0])   # made again next time, if it was removed
@@ -362,14 +366,10 @@ class Runner:
             return None
         if not exited and os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
             return None
-        # Leftovers of the group, while its leader is a zombie: its pid (the group's id) cannot
-        # have been reused by then.
-        self._signal_group(signal.SIGKILL)
-        _, status, usage = os.wait4(self.pid, 0)
+        status, cpu_s = reap(self.pid, self.pidfd)   # leftovers of the group are killed first
         self._live = False
-        os.close(self.pidfd)
         self.pidfd = -1
-        return self._classify(status, usage.ru_utime + usage.ru_stime)
+        return self._classify(status, cpu_s)
 
     def _classify(self, status: int, cpu_s: float) -> TaskFinished:
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None

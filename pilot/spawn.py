@@ -1,18 +1,19 @@
-"""Starting a task's process: :func:`spawn_forked`, else :func:`spawn`.
+"""Starting a task's process, and reaping it: :func:`launch` and :func:`reap`.
 
 A task runs in a session and process group of its own; stdin is /dev/null, stdout and stderr
-are appended to its log; the signals Python ignores are back at their defaults and its signal
-mask is empty; it inherits no descriptor but 0-2 (MPI libraries open some without O_CLOEXEC).
+are appended to its log; SIGPIPE and SIGXFSZ (which Python ignores) are back at their defaults
+and its signal mask is empty; it inherits no descriptor but 0-2 (MPI libraries open some
+without O_CLOEXEC).
 
 Two ways to start it, the same for the task:
 
-- CPython's own fork-and-exec for subprocess (``_posixsubprocess.fork_exec``, a vfork), when
-  the calling thread blocks no signal (its child keeps the caller's mask): its child resets
-  two signals where glibc's ``posix_spawn`` child reads and resets the handlers of all 64 (about
-  120 system calls), which costs a null task about 40 us of CPU. Its arguments are CPython's
-  private interface: they are checked once (:func:`fork_exec_usable`), and a Python where they
-  differ uses the other way.
-- ``os.posix_spawn``, with the mask emptied in the child.
+- ``pilot._launch``, a C extension (native/launch.c, built by ``pip install``): one call opens
+  the log, vforks and execs, and opens the pidfd; one call kills what is left of the group,
+  waits and closes the pidfd. Its child resets two signals, where glibc's ``posix_spawn`` child
+  reads and resets the handlers of all 64 (about 120 system calls), and an exec error comes back
+  through the memory the vfork child shares with its parent, not through a pipe. Used where it
+  was built and the kernel has ``close_range`` (Linux >= 5.11), unless ``PILOT_NATIVE_LAUNCH=0``.
+- ``os.posix_spawn``, with the mask emptied in the child, and ``os.wait4``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ import functools
 import os
 import shutil
 import signal
-import sys
+
+try:
+    from pilot import _launch
+except ImportError:   # not built (no C compiler where pilot was installed)
+    _launch = None
 
 CLOSE_RANGE_CLOEXEC = 1 << 2
 LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND
@@ -31,39 +36,42 @@ LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND
 DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
-class Spawned:
-    """A launched process, as ``Runner._spawn`` returns it."""
-
-    __slots__ = ("pid",)
-
-    def __init__(self, pid: int):
-        self.pid = pid
+@functools.lru_cache(maxsize=1)
+def native_usable() -> bool:
+    """Whether tasks start through ``pilot._launch`` in this process (see the module docstring)."""
+    return (_launch is not None and os.environ.get("PILOT_NATIVE_LAUNCH", "1") != "0"
+            and _launch.close_range_usable())
 
 
-def spawn_forked(argv: list[str], entries: list[bytes], log: str, path: bytes | None) -> int:
-    """Start ``argv`` (see the module docstring) through fork_exec; its pid. Only where
-    :func:`fork_exec_here`. ``entries``: the environment as ``b"NAME=value"``, ``path`` its PATH
-    (a program without a ``/`` is looked up there, as subprocess does). Raises OSError when the
-    log cannot be opened or the program cannot be run, ValueError for an empty ``argv``."""
-    return _fork_exec(_program(argv, path), argv, entries, log)
+def spawn_posix(argv: list[str], env: dict, log: str) -> tuple[int, int]:
+    """Start ``argv`` (see the module docstring) through ``os.posix_spawn``; its pid and pidfd.
+    ``env`` maps str or bytes (a program without a ``/`` is looked up on its PATH, as
+    subprocess does). Raises OSError when the log cannot be opened or the program cannot be
+    run, ValueError for an empty ``argv`` or a NUL or ``=`` where none may be."""
+    pid = _posix_spawn(_program(argv, _path_of(env)), argv, env, log)
+    return pid, os.pidfd_open(pid)
 
 
-def spawn(argv: list[str], env: dict, log: str) -> int:
-    """Start ``argv`` (see the module docstring) through posix_spawn, on any thread; its pid.
-    ``env`` maps str or bytes; errors as :func:`spawn_forked`."""
-    return _posix_spawn(_program(argv, _path_of(env)), argv, env, log)
+def launch_native(argv: list[str], entries: list[bytes], log: str, path: bytes | None) -> tuple[int, int]:
+    """:func:`spawn_posix` through ``pilot._launch`` (only where :func:`native_usable`), with
+    the environment as ``b"NAME=value"`` entries and ``path`` its PATH."""
+    return _launch.launch(_program(argv, path), argv, entries, log, _devnull())
 
 
-def fork_exec_here() -> bool:
-    """Whether :func:`spawn_forked` may launch on this thread. fork_exec's child keeps the
-    calling thread's signal mask: it serves only a thread that blocks nothing (an agent's main
-    thread does not, as a rule)."""
-    return fork_exec_usable() and not signal.pthread_sigmask(signal.SIG_BLOCK, ())
-
-
-def env_list(env) -> list[bytes]:
-    """A mapping as ``b"NAME=value"`` entries."""
-    return [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
+def reap(pid: int, pidfd: int) -> tuple[int, float]:
+    """For a child whose main process has ended (``pidfd`` readable): kill what is left of its
+    process group (while the leader is a zombie its pid, the group's id, cannot have been
+    reused), wait for it and close ``pidfd``. Its wait status and CPU seconds (user + system,
+    the descendants it waited for included)."""
+    if native_usable():
+        return _launch.reap(pid, pidfd)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    _, status, usage = os.wait4(pid, 0)
+    os.close(pidfd)
+    return status, usage.ru_utime + usage.ru_stime
 
 
 def _path_of(env) -> bytes | None:
@@ -71,65 +79,10 @@ def _path_of(env) -> bytes | None:
     return os.fsencode(path) if isinstance(path, str) else path
 
 
-# ---- CPython's fork and exec ----------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def fork_exec_usable() -> bool:
-    """Whether ``_posixsubprocess.fork_exec`` takes the arguments :func:`_fork_exec` passes:
-    CPython 3.11-3.13 (read from their sources), checked by starting ``true`` once."""
-    if sys.implementation.name != "cpython" or not (3, 11) <= sys.version_info[:2] <= (3, 13):
-        return False
-    try:
-        pid = _fork_exec(shutil.which("true") or "/bin/true", ["true"], env_list(os.environ), os.devnull)
-    except (ImportError, TypeError, ValueError, OSError):
-        return False
-    os.waitpid(pid, 0)
-    return True
-
-
-def _fork_exec(program: str, argv: list[str], env: list[bytes], log: str) -> int:
-    import _posixsubprocess
-
-    null = _devnull()
-    out = os.open(log, LOG_FLAGS | os.O_CLOEXEC, 0o644)
-    try:
-        error_read, error_write = os.pipe2(os.O_CLOEXEC)   # the child reports a failed exec here
-    except OSError:
-        os.close(out)
-        raise
-    try:
-        try:
-            pid = _posixsubprocess.fork_exec(
-                [os.fsencode(a) for a in argv], [os.fsencode(program)], True, (error_write,), None, env,
-                null, -1, -1, out, -1, out, error_read, error_write,
-                True, True, -1, None, None, None, -1, None, True)
-        finally:
-            os.close(error_write)
-            os.close(out)
-        report = os.read(error_read, 4096)
-    finally:
-        os.close(error_read)
-    if report:
-        os.waitpid(pid, 0)
-        raise _exec_error(report, program)
-    return pid
-
-
 @functools.lru_cache(maxsize=1)
 def _devnull() -> int:
     """/dev/null, opened once (close-on-exec): every task's stdin is a copy of it."""
     return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-
-
-def _exec_error(report: bytes, program: str) -> OSError:
-    """The OSError of a child's ``ExceptionName:hex errno:message`` report (subprocess's format)."""
-    try:
-        _, code, _ = report.split(b":", 2)
-        number = int(code, 16)
-    except ValueError:
-        return OSError(errno.ENOEXEC, f"cannot run {program}: {report[:200]!r}")
-    return OSError(number, os.strerror(number), program)
 
 
 # ---- posix_spawn ------------------------------------------------------------------------

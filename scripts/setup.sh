@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (or refresh) the project's virtual environment in .venv with an MPI runtime
 # (the `mpich` wheel ships mpiexec), then install pilot in editable mode with its test
-# extras and build the native test payload. Safe to run again: it skips work already done.
+# extras (which builds pilot._launch, the C extension tasks start through) and build the native
+# test payload. Safe to run again: it skips work already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PILOT_PYTHON:-python3}"
@@ -9,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.pilot-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] || [ native/launch.c -nt "$stamp" ]; then
     .venv/bin/pip install --quiet --disable-pip-version-check --upgrade pip
     .venv/bin/pip install --quiet --disable-pip-version-check -e '.[test,mpich]'
     touch "$stamp"

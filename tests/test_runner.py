@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +19,22 @@ from pilot.spawn import cloexec_from
 from tests.helpers import PAYLOAD, ROOT, wait_for
 
 FAST = WatchConfig(tolerance=1.10, sample_interval=0.05, kill_grace=0.5)
+
+
+@pytest.fixture(params=["native", "posix_spawn"])
+def launch_path(request, monkeypatch):
+    """Run the test once with each way a task can start (see pilot/spawn.py)."""
+    monkeypatch.setenv("PILOT_NATIVE_LAUNCH", "1" if request.param == "native" else "0")
+    spawn_module.native_usable.cache_clear()
+    assert spawn_module.native_usable() == (request.param == "native")
+    yield request.param
+    spawn_module.native_usable.cache_clear()
+
+
+def test_tasks_start_through_the_native_launch_here():
+    """``pip install`` built pilot._launch, and this kernel has close_range: CI runs the fast path."""
+    assert spawn_module._launch is not None, "pilot._launch was not built"
+    assert spawn_module.native_usable()
 
 
 def ensure_payload() -> str:
@@ -71,7 +86,7 @@ def payload():
     return ensure_payload()
 
 
-def test_success_records_usage_and_log(tmp_path, payload):
+def test_success_records_usage_and_log(tmp_path, payload, launch_path):
     record = tmp_path / "rec"
     _, result = attempt(tmp_path, [payload, "--mem", "60", "--cpu", "0.2", "--record", str(record)])
     assert result.failure == Failure.NONE and result.exit_code == 0 and result.signal is None
@@ -99,12 +114,12 @@ def test_mpi_launcher_variables_are_not_passed_on(tmp_path):
     assert env["HOME"] == "/h" and env["PMI_MINE"] == "kept"
 
 
-def test_non_zero_exit(tmp_path, payload):
+def test_non_zero_exit(tmp_path, payload, launch_path):
     _, result = attempt(tmp_path, [payload, "--exit", "3"])
     assert (result.failure, result.exit_code, result.signal) == (Failure.EXIT, 3, None)
 
 
-def test_segfault_is_a_signal(tmp_path, payload):
+def test_segfault_is_a_signal(tmp_path, payload, launch_path):
     _, result = attempt(tmp_path, [payload, "--signal", str(int(signal.SIGSEGV))])
     assert (result.failure, result.exit_code, result.signal) == (Failure.SIGNAL, None, signal.SIGSEGV)
 
@@ -151,7 +166,7 @@ def test_under_tolerance_is_not_oom(tmp_path, payload):
     assert result.failure == Failure.NONE
 
 
-def test_launch_error(tmp_path):
+def test_launch_error(tmp_path, launch_path):
     runner = Runner(make_run(tmp_path, [str(tmp_path / "no-such-program")]), FAST)
     result = runner.start()
     assert result.failure == Failure.LAUNCH and result.exit_code is None
@@ -163,7 +178,7 @@ def open_fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")}
 
 
-def test_launch_errors_of_each_kind(tmp_path):
+def test_launch_errors_of_each_kind(tmp_path, launch_path):
     script = tmp_path / "not-executable"
     script.write_text("#!/bin/sh\nexit 0\n")
     script.chmod(0o644)
@@ -176,7 +191,7 @@ def test_launch_errors_of_each_kind(tmp_path):
     assert open_fds() <= fds | {spawn_module._devnull()}, "a failed launch left a descriptor open"
 
 
-def test_a_log_folder_that_cannot_be_made_is_a_launch_error(tmp_path):
+def test_a_log_folder_that_cannot_be_made_is_a_launch_error(tmp_path, launch_path):
     (tmp_path / "logs").write_text("a file where the log folder should be")
     result = Runner(make_run(tmp_path, ["true"]), FAST).start()
     assert result.failure == Failure.LAUNCH
@@ -192,7 +207,7 @@ def test_a_log_folder_removed_under_the_runner_is_made_again(tmp_path):
     assert third.failure == Failure.NONE and open(third.log).read() == "again\n"
 
 
-def test_program_is_looked_up_in_the_task_path(tmp_path):
+def test_program_is_looked_up_in_the_task_path(tmp_path, launch_path):
     folder = tmp_path / "bin"
     folder.mkdir()
     program = folder / "my-tool"
@@ -248,42 +263,39 @@ def check_inheritance(seen: dict, log: str) -> None:
     assert seen["SigIgn:"] & (1 << (signal.SIGPIPE - 1) | 1 << (signal.SIGXFSZ - 1)) == 0
 
 
-def test_task_inherits_only_stdio_a_clean_signal_state_and_its_own_session(tmp_path):
+def test_task_inherits_only_stdio_a_clean_signal_state_and_its_own_session(tmp_path, launch_path):
     seen = probe(tmp_path)
     check_inheritance(seen, make_run(tmp_path, "").log)
 
 
-def test_tasks_launched_through_fork_exec_inherit_the_same(tmp_path):
-    """The launch an agent's main thread uses when it blocks no signal (probe() blocks one, so
-    its tasks go through posix_spawn)."""
-    assert spawn_module.fork_exec_usable() and not signal.pthread_sigmask(signal.SIG_BLOCK, ())
-    leak = os.open(os.devnull, os.O_RDONLY)
-    os.set_inheritable(leak, True)
-    env = spawn_module.env_list(os.environ)
-    logs = [str(tmp_path / "probe.log"), str(tmp_path / "signals.log")]
-    try:
-        for argv, log in (([sys.executable, "-c", PROBE], logs[0]), (SIGNAL_PROBE, logs[1])):
-            program = argv[0] if "/" in argv[0] else shutil.which(argv[0])
-            _, status = os.waitpid(spawn_module._fork_exec(program, argv, env, log), 0)
-            assert status == 0, open(log).read()
-    finally:
-        os.close(leak)
-    seen = {line.split()[0]: line.split()[1:] for line in open(logs[0]).read().splitlines()}
-    check_inheritance(seen | {line.split()[0]: int(line.split()[1], 16) for line in open(logs[1])}, logs[0])
-
-
-def test_fork_exec_reports_what_kept_the_program_from_running(tmp_path):
+def test_the_native_launch_reports_what_kept_the_program_from_running(tmp_path):
     script = tmp_path / "not-executable"
     script.write_text("#!/bin/sh\nexit 0\n")
     script.chmod(0o644)
-    env, log = spawn_module.env_list(os.environ), str(tmp_path / "log")
+    log, fds = str(tmp_path / "log"), open_fds()
     with pytest.raises(PermissionError):
-        spawn_module._fork_exec(str(script), [str(script)], env, log)
-    with pytest.raises(FileNotFoundError):
-        spawn_module._fork_exec(str(tmp_path / "nowhere"), ["nowhere"], env, log)
+        spawn_module.launch_native([str(script)], [], log, None)
+    with pytest.raises(FileNotFoundError) as missing:
+        spawn_module.launch_native([str(tmp_path / "nowhere")], [], log, None)
+    assert missing.value.filename == str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError) as no_log:
+        spawn_module.launch_native(["true"], [], str(tmp_path / "no" / "log"), os.environ["PATH"].encode())
+    assert no_log.value.filename == str(tmp_path / "no" / "log")
+    assert open_fds() <= fds | {spawn_module._devnull()}, "a failed launch left a descriptor open"
 
 
-def test_without_close_range_descriptors_are_marked_from_the_fd_listing(tmp_path, monkeypatch):
+def test_the_native_reap_returns_status_and_cpu_and_closes_the_pidfd(tmp_path):
+    pid, pidfd = spawn_module.launch_native(["sh", "-c", "exit 7"], [b"PATH=/usr/bin:/bin"], str(tmp_path / "log"),
+                                            b"/usr/bin:/bin")
+    select.select([pidfd], [], [], 10)
+    status, cpu_s = spawn_module.reap(pid, pidfd)
+    assert os.WEXITSTATUS(status) == 7 and 0 <= cpu_s < 5
+    with pytest.raises(OSError):
+        os.fstat(pidfd)
+
+
+@pytest.mark.parametrize("launch_path", ["posix_spawn"], indirect=True)   # the native child needs close_range
+def test_without_close_range_descriptors_are_marked_from_the_fd_listing(tmp_path, monkeypatch, launch_path):
     monkeypatch.setattr(spawn_module, "_libc_close_range", lambda: None)
     leak = os.open(os.devnull, os.O_RDONLY)
     try:
@@ -338,7 +350,7 @@ def test_launches_share_one_read_of_the_oom_counter(tmp_path, monkeypatch, paylo
     assert killed.failure == Failure.SIGNAL and len(reads) == 2   # a SIGKILL death reads afresh
 
 
-def test_leftovers_of_the_group_are_killed(tmp_path):
+def test_leftovers_of_the_group_are_killed(tmp_path, launch_path):
     pidfile = tmp_path / "bg"
     _, result = attempt(tmp_path, f"sleep 60 & echo $! > {pidfile}; exit 0")
     assert result.failure == Failure.NONE
