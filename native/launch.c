@@ -89,6 +89,11 @@ static void child(const char *program, char **argv, char **env, int stdin_fd, in
                 sigaction(sig, &dfl, NULL);
     sigaction(SIGPIPE, &dfl, NULL);
     sigaction(SIGXFSZ, &dfl, NULL);
+    /* A process started without its stdio may get 0-2 for these: moved up first, so that the
+     * dup2 calls below neither overwrite one with the other nor leave one close-on-exec. */
+    if ((stdin_fd < 3 && (stdin_fd = fcntl(stdin_fd, F_DUPFD, 3)) < 0) ||
+        (log_fd < 3 && (log_fd = fcntl(log_fd, F_DUPFD, 3)) < 0))
+        goto fail;
     if (dup2(stdin_fd, 0) < 0 || dup2(log_fd, 1) < 0 || dup2(log_fd, 2) < 0)
         goto fail;
     if (syscall(SYS_close_range, 3U, ~0U, PILOT_CLOSE_RANGE_CLOEXEC) < 0)

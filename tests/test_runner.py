@@ -284,6 +284,26 @@ def test_the_native_launch_reports_what_kept_the_program_from_running(tmp_path):
     assert open_fds() <= fds | {spawn_module._devnull()}, "a failed launch left a descriptor open"
 
 
+def test_the_native_launch_works_in_a_process_started_without_stdio(tmp_path):
+    """Its /dev/null and the log then get descriptors 0 and 1: the task must still see them as
+    its stdin and stdout."""
+    script = f"""
+import os, select, sys
+sys.path.insert(0, {str(ROOT)!r})
+for fd in (0, 1, 2):
+    os.close(fd)
+from pilot import spawn
+pid, pidfd = spawn.launch_native(["sh", "-c", "echo out; echo err >&2; readlink /proc/self/fd/0"],
+                                 [b"PATH=/usr/bin:/bin"], {str(tmp_path / "log")!r}, b"/usr/bin:/bin")
+select.select([pidfd], [], [], 10)
+status, _ = spawn.reap(pid, pidfd)
+os._exit(os.WEXITSTATUS(status) + 10 * (spawn._devnull() != 0))
+"""
+    done = subprocess.run([sys.executable, "-c", script], timeout=30)
+    assert done.returncode == 0, "the task failed (1), or /dev/null did not get descriptor 0 (10)"
+    assert (tmp_path / "log").read_text() == "out\nerr\n/dev/null\n"
+
+
 def test_the_native_reap_returns_status_and_cpu_and_closes_the_pidfd(tmp_path):
     pid, pidfd = spawn_module.launch_native(["sh", "-c", "exit 7"], [b"PATH=/usr/bin:/bin"], str(tmp_path / "log"),
                                             b"/usr/bin:/bin")
