@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -72,6 +73,7 @@ class Figures:
     rate: float
     own_ms: float
     tasks_ms: float
+    ranks_us: tuple = ()   # the pilot: CPU us per task of rank 0, then of each agent rank
 
 
 def bare_loop(tasks: int, concurrency: int, spawn: str, logdir: Path | None = None) -> Figures:
@@ -137,9 +139,10 @@ PILOT_OPTIONS: list[str] = []   # more `pilot run` options (--pilot-option)
 SHARED_NODE = False   # --shared-node: the agents are ranks of one node of `cores` cores
 
 
-def pilot_run(folder: Path, tasks: int, agents: int, cores: int, command=("true",)) -> tuple[float, float, float]:
+def pilot_run(folder: Path, tasks: int, agents: int, cores: int, command=("true",)):
     """Run the pilot on ``tasks`` tasks in ``folder``; (window tasks/s, CPU s of every rank
-    and mpiexec, CPU s of the tasks (from the checkpoint's per-attempt records))."""
+    and mpiexec, CPU s of the tasks (from the checkpoint's per-attempt records), CPU s of
+    each rank as it logs it)."""
     from pilot.checkpoint import load_checkpoint
     from pilot.events import State
 
@@ -161,14 +164,21 @@ def pilot_run(folder: Path, tasks: int, agents: int, cores: int, command=("true"
     starts = np.sort(table.start)
     window = max(starts[-1] - starts[0], 1e-9)
     tasks_cpu = float(table.cpu_s.sum())
-    return (tasks - 1) / window, everything - tasks_cpu, tasks_cpu
+    return (tasks - 1) / window, everything - tasks_cpu, tasks_cpu, rank_cpu(proc.stderr)
+
+
+def rank_cpu(log: str) -> list[float]:
+    """CPU seconds of each rank, by rank, from the last lines ranks log ("...; 1.23 s of CPU")."""
+    found = {int(m[1]): float(m[2]) for m in re.finditer(r" rank (\d+) INFO .*; ([\d.]+) s of CPU$", log, re.M)}
+    return [found[r] for r in sorted(found)]
 
 
 def pilot_figures(folder: Path, tasks: int, agents: int, cores: int) -> Figures:
     """The pilot's window rate; its own CPU per task with the start-up (a one-task run) taken out."""
-    rate, own, tasks_cpu = pilot_run(folder / "many", tasks, agents, cores)
-    _, own_one, _ = pilot_run(folder / "one", 1, agents, cores)
-    return Figures(rate, 1e3 * (own - own_one) / (tasks - 1), 1e3 * tasks_cpu / tasks)
+    rate, own, tasks_cpu, ranks = pilot_run(folder / "many", tasks, agents, cores)
+    _, own_one, _, ranks_one = pilot_run(folder / "one", 1, agents, cores)
+    return Figures(rate, 1e3 * (own - own_one) / (tasks - 1), 1e3 * tasks_cpu / tasks,
+                   tuple(1e6 * (a - b) / (tasks - 1) for a, b in zip(ranks, ranks_one)))
 
 
 def slot_gaps(table, cores: int) -> list[float]:
@@ -189,7 +199,7 @@ def slot_gap_run(tasks: int, agents: int, cores: int) -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_gap_") as tmp:
         folder = Path(tmp) / "run"
-        window, _, _ = pilot_run(folder, tasks, agents, cores, command=("sleep", "0.1"))
+        window, _, _, _ = pilot_run(folder, tasks, agents, cores, command=("sleep", "0.1"))
         gaps = sorted(slot_gaps(load_checkpoint(folder / "ckpt.h5").table, cores))
     ms = [1e3 * g for g in gaps]
     print(f"sleep 0.1 x {tasks}, agents {agents}, cores {cores}: slot gap median {statistics.median(ms):.1f} ms, "
@@ -244,6 +254,9 @@ def report(rounds: list[dict[str, Figures]], args) -> None:
         per_round = ", ".join(f"{r[name].rate:.0f}" for r in rounds)
         print(f"{name:24s} {f.rate:8.0f} {f.rate / fastest_bare:6.2f}  {f.own_ms:9.3f} ms  {f.tasks_ms:11.3f} ms  "
               f"{per_round}")
+    by_rank = [statistics.median(r["pilot"].ranks_us[k] for r in rounds) for k in range(len(rounds[0]["pilot"].ranks_us))]
+    print(f"pilot CPU per task by rank (start-up out): rank 0 {by_rank[0]:.0f} us, agent ranks "
+          f"{', '.join(f'{x:.0f}' for x in by_rank[1:])} us")
     paired = sorted(r["pilot"].rate / max(r[n].rate for n in BARE) for r in rounds)
     print(f"pilot / fastest bare loop, round by round: {', '.join(f'{x:.2f}' for x in paired)} "
           f"(median {statistics.median(paired):.2f})")

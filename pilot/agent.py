@@ -66,6 +66,7 @@ class Agent:
         self.runners: dict[tuple[int, int], Runner] = {}
         self.stopped = False
         self.stop_seen = False      # a stop signal reached this rank, or the master drains
+        self.started = 0            # attempts launched (for the last log line)
         self.held: list[tuple[float, TaskFinished]] = []
         self.starts: dict[tuple[int, int], TaskStarted] = {}   # (task, attempt): sent when due or not at all
         self.waiting: dict[int, list[RunTask]] = {}   # task -> RunTasks queued to start when it ends
@@ -136,6 +137,7 @@ class Agent:
             self._send_result(result)
             return
         key = (run.task, run.attempt)
+        self.started += 1
         self.runners[key] = runner
         self._epoll.register(runner.pidfd, select.EPOLLIN)
         self._key_of_fd[runner.pidfd] = key
@@ -293,6 +295,7 @@ def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchCo
             if agent.wait(backoff.next_delay(), transport.wake_fd):
                 transport.woken()
     _finish(agent)
+    log.info("attempts started: %d; %.2f s of CPU", agent.started, time.process_time())
     transport.close()
     return 0
 

@@ -143,8 +143,8 @@ class Master:
                           self.unresponsive, DRAIN_TIMEOUT_S)
                 break
         log.info("%s", progress_line(self.engine, self.nodes))
-        log.info("launches: %d, of which %d queued ahead; messages taken in %d turns", self.launches,
-                 self.queued_ahead, self.turns)
+        log.info("launches: %d, of which %d queued ahead; messages taken in %d turns; %.2f s of CPU",
+                 self.launches, self.queued_ahead, self.turns, time.process_time())
         return self.engine.exit_code()
 
     def _pace(self) -> None:

@@ -53,6 +53,12 @@ def test_packing_exactly_once_in_order(tmp_path, ranks):
         assert len(peaks) >= 2, "work was not spread over the emulated nodes"
     queued = int(re.search(r"launches: 14, of which (\d+) queued ahead", proc.stderr).group(1))
     assert queued > 0, "the 0.15 s workers were not queued behind one another"
+    # The last lines: every rank's CPU, and each agent rank's count of the attempts it started
+    cpu = re.findall(r" rank (\d+) INFO .*; ([\d.]+) s of CPU$", proc.stderr, re.M)
+    assert sorted(int(r) for r, _ in cpu) == list(range(ranks)) and all(float(s) > 0 for _, s in cpu)
+    if ranks > 1:
+        started = re.findall(r" rank \d+ INFO attempts started: (\d+);", proc.stderr)
+        assert len(started) == ranks - 1 and sum(map(int, started)) == 14
 
 
 def test_queue_ahead_off_sends_every_task_when_its_node_has_room(tmp_path):
