@@ -3,7 +3,8 @@
  * launch(program, argv, env, log, stdin_fd) -> (pid, pidfd)
  *   vfork and exec `program` with `argv` and `env` (sequences of str or bytes, env entries as
  *   "NAME=value") in a session of its own; stdin is a copy of `stdin_fd`, stdout and stderr
- *   are appended to `log` (created 0644). The child inherits no descriptor but 0-2, gets SIGPIPE
+ *   are appended to `log` (created 0644). It gets SIGKILL if the calling thread ends first
+ *   (the agent's main thread: the agent died). The child inherits no descriptor but 0-2, gets SIGPIPE
  *   and SIGXFSZ at their defaults (Python ignores them) and an empty signal mask. An exec that
  *   fails is reported by the child through memory it shares with the parent until exec (vfork):
  *   no error pipe. Raises OSError (the log cannot be opened, the program cannot be run).
@@ -23,6 +24,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -72,13 +74,17 @@ static char **c_strings(PyObject *seq, PyObject **owned, const char *what)
 /* The child, between vfork and exec: only async-signal-safe calls, no allocation, nothing
  * written to the parent's memory but *exec_errno. Every signal is blocked on entry. */
 static void child(const char *program, char **argv, char **env, int stdin_fd, int log_fd,
-                  volatile int *exec_errno)
+                  pid_t agent, volatile int *exec_errno)
 {
     struct sigaction dfl;
     sigset_t pending, none;
     memset(&dfl, 0, sizeof dfl);
     dfl.sa_handler = SIG_DFL;
     if (setsid() < 0)
+        goto fail;
+    /* Killed if the agent dies (kill -9, a crash): outside a Slurm step, whose cgroup ends what
+     * is left, nothing else would stop it. Only this process: its own children outlive it. */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0 || getppid() != agent)
         goto fail;
     /* A signal sent to the agent's group before setsid is pending here; unblocked, it would run
      * the agent's handler in memory shared with the agent. Such signals get their default
@@ -116,9 +122,9 @@ static __attribute__((noinline)) pid_t vfork_exec(const char *program, char **ar
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    pid_t pid = vfork();
+    pid_t agent = getpid(), pid = vfork();
     if (pid == 0)
-        child(program, argv, env, stdin_fd, log_fd, exec_errno);
+        child(program, argv, env, stdin_fd, log_fd, agent, exec_errno);
     int error = errno;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     errno = error;

@@ -27,6 +27,7 @@ import select
 import signal
 import time
 
+from pilot.errors import EXIT_USAGE
 from pilot.events import Failure, TaskFinished, TaskStarted
 from pilot.nodes import NodeInfo
 from pilot.protocol import ALL_TASKS, Hello, Interrupted, Kill, Recall, RunTask, Shutdown
@@ -67,6 +68,7 @@ class Agent:
         self.stopped = False
         self.stop_seen = False      # a stop signal reached this rank, or the master drains
         self.started = 0            # attempts launched (for the last log line)
+        self.exit_code = 0          # the run's, as the master's Shutdown gives it
         self.held: list[tuple[float, TaskFinished]] = []
         self.starts: dict[tuple[int, int], TaskStarted] = {}   # (task, attempt): sent when due or not at all
         self.waiting: dict[int, list[RunTask]] = {}   # task -> RunTasks queued to start when it ends
@@ -103,6 +105,7 @@ class Agent:
         elif isinstance(message, Shutdown):
             self.kill(ALL_TASKS, 0, Failure.INTERRUPTED, hard=True)
             self.stopped = True
+            self.exit_code = message.code
         else:
             log.warning("agent ignores %r", message)
 
@@ -295,7 +298,8 @@ def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchCo
             if agent.wait(backoff.next_delay(), transport.wake_fd):
                 transport.woken()
     _finish(agent)
-    log.info("attempts started: %d; %.2f s of CPU", agent.started, time.process_time())
+    if agent.exit_code != EXIT_USAGE:   # a refused run says one line, rank 0's error
+        log.info("attempts started: %d; %.2f s of CPU", agent.started, time.process_time())
     transport.close()
     return 0
 

@@ -1,4 +1,5 @@
-"""Starting a task's process, and reaping it: :func:`launch` and :func:`reap`.
+"""Starting a task's process (:func:`launch_native`, else :func:`spawn_posix`), and reaping it
+(:func:`reap`).
 
 A task runs in a session and process group of its own; stdin is /dev/null, stdout and stderr
 are appended to its log; SIGPIPE and SIGXFSZ (which Python ignores) are back at their defaults
@@ -11,8 +12,9 @@ Two ways to start it, the same for the task:
   the log, vforks and execs, and opens the pidfd; one call kills what is left of the group,
   waits and closes the pidfd. Its child resets two signals, where glibc's ``posix_spawn`` child
   reads and resets the handlers of all 64 (about 120 system calls), and an exec error comes back
-  through the memory the vfork child shares with its parent, not through a pipe. Used where it
-  was built and the kernel has ``close_range`` (Linux >= 5.11), unless ``PILOT_NATIVE_LAUNCH=0``.
+  through the memory the vfork child shares with its parent, not through a pipe. The process
+  gets SIGKILL if the agent dies first (a parent-death signal). Used where it was built and the
+  kernel has ``close_range`` (Linux >= 5.11), unless ``PILOT_NATIVE_LAUNCH=0``.
 - ``os.posix_spawn``, with the mask emptied in the child, and ``os.wait4``.
 """
 

@@ -139,6 +139,45 @@ def test_sigterm_mid_run_exits_3_and_leaves_no_task(tmp_path, ranks):
     assert "draining: signal 15" in err
 
 
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_a_killed_agent_takes_the_processes_it_launched_with_it(tmp_path):
+    """kill -9 of the agent rank: every process it launched dies with it (a parent-death signal
+    set by the native launch), the shell of a string command included. What those processes
+    started themselves (l3's child, the payload l4's shell runs) is not covered: it is killed
+    here, by pid."""
+    from pilot.runner import _children
+
+    wf, _ = workflow("long", tmp_path)
+    node = ["--node-per-rank", "--node-memory", "1000", "--node-cores", "8"]   # 6 tasks fit one node
+    before = shm_segments()
+    proc = subprocess.Popen(pilot_cmd(2, wf, tmp_path, *node), cwd=ROOT, env=mpi_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started: list[int] = []
+    try:
+        wait_for(lambda: len(list(tmp_path.glob("*.marker"))) >= 6 and all(
+            len(p.read_text().split()) == 3 for p in tmp_path.glob("*.marker")), 30, what="six tasks running")
+        agent = _parent(int((tmp_path / "l1.marker").read_text().split()[0]))   # l1 is an argv task
+        launched = _children("/proc", agent)
+        started = launched + [int(n) for p in tmp_path.glob("*.marker") for n in p.read_text().split()]
+        assert len(launched) == 6, launched
+        os.kill(agent, signal.SIGKILL)
+        for pid in launched:
+            wait_for(lambda: pid_gone(pid), 10, what=f"launched process {pid} gone")
+    finally:
+        for pid in {p for p in started if p > 0}:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.kill()
+        proc.wait()
+        cleanup_shm(before)
+
+
 def test_sigterm_with_tasks_queued_ahead_exits_3_and_a_rerun_redoes_nothing_done(tmp_path):
     """Short tasks keep tasks queued behind running ones; a SIGTERM drops those unstarted and
     interrupts the running ones; the rerun finishes the rest and runs no task done before."""
