@@ -30,7 +30,7 @@ import time
 from pilot.errors import EXIT_USAGE
 from pilot.events import Failure, TaskFinished, TaskStarted
 from pilot.nodes import NodeInfo
-from pilot.protocol import ALL_TASKS, Hello, Interrupted, Kill, Recall, RunTask, Shutdown
+from pilot.protocol import ALL_TASKS, Alive, Hello, Interrupted, Kill, Recall, RunTask, Shutdown
 from pilot.runner import ProcessTable, Runner, WatchConfig
 from pilot.transport import Transport
 
@@ -39,6 +39,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 STOP_HOLD_S = 1.0    # how long a result killed by SIGTERM/SIGINT/SIGUSR1 waits for our own signal
 IDLE_POLL_S = 0.25   # how often an idle loop looks at signals (the transport sleeps in between)
 STARTED_DELAY_S = 0.05   # a start is reported at the latest this long after it happened
+ALIVE_INTERVAL_S = 30.0  # an agent says it is alive this often (`pilot run --agent-timeout` / 4)
 
 
 class Signals:
@@ -272,7 +273,7 @@ def _not_started(run: RunTask) -> TaskFinished:
 
 
 def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchConfig(),
-              signals: Signals | None = None) -> int:
+              signals: Signals | None = None, alive_interval: float = ALIVE_INTERVAL_S) -> int:
     """The loop of an agent rank: say Hello, then run what the master sends until Shutdown.
 
     Returns 0: rank 0 alone carries the run's exit code. A launcher that ends the whole step
@@ -282,6 +283,7 @@ def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchCo
     transport.send(0, Hello(transport.rank, info.name, info.memory_mb, info.cores, os.getpid()))
     backoff = transport.backoff   # shared: a doorbell ring seen by poll makes the loop probe eagerly
     gc.freeze()   # what start-up imported is never garbage: keep collections short
+    next_alive = time.monotonic() + alive_interval
     while not agent.stopped:
         item = transport.poll(0.0 if agent.busy else IDLE_POLL_S)
         got = item is not None
@@ -291,6 +293,9 @@ def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchCo
         if got:
             backoff.activity()
         _forward_signal(agent, transport, signals)
+        if time.monotonic() >= next_alive:   # rank 0 takes a silent agent for a hung one
+            transport.send(0, Alive(transport.rank))
+            next_alive = time.monotonic() + alive_interval
         if agent.step():
             backoff.activity()
         elif not got and agent.busy:

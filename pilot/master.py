@@ -29,7 +29,7 @@ from pilot.agent import Agent, Signals
 from pilot.errors import EXIT_INTERRUPTED, EXIT_USAGE
 from pilot.events import Drain, Failure, Node, Schedule, State, TaskFinished, TaskStarted
 from pilot.graph import Graph
-from pilot.protocol import ALL_TASKS, Hello, Interrupted, Kill, Recall, RunTask, Shutdown
+from pilot.protocol import ALL_TASKS, Alive, Hello, Interrupted, Kill, Recall, RunTask, Shutdown
 from pilot.runner import WatchConfig, log_path
 from pilot.transport import Backoff, Transport, flush_output
 
@@ -42,6 +42,7 @@ BATCH_MAX = 1024       # messages taken in one turn of the loop before the engin
 # agents start queued tasks without it, and one turn over a few results costs rank 0 far less
 # than a turn per result (each wake-up and each engine pass has a fixed price).
 PACE_S = 0.002
+AGENT_TIMEOUT_S = 120.0   # an agent rank silent this long is taken for hung (`--agent-timeout`)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class MasterOptions:
     deadline: float | None = None
     margin_s: float = 60.0
     pace_s: float = PACE_S
+    agent_timeout: float = AGENT_TIMEOUT_S
 
 
 def gather_hellos(transport: Transport, count: int, timeout: float = HELLO_TIMEOUT_S) -> list[Hello]:
@@ -123,6 +125,11 @@ class Master:
         self.backoff = Backoff()
         self._next_progress = time.monotonic() + options.progress_interval
         self._last_turn = 0.0
+        # Agent rank -> when something last came from it: one silent for agent_timeout is hung
+        self.heard = dict.fromkeys((r for ranks in node_ranks for r in ranks if r != transport.rank),
+                                   time.monotonic())
+        self.hung: list[int] = []
+        self._next_liveness = 0.0
 
     # -- the loop --
 
@@ -136,12 +143,19 @@ class Master:
                 self._take_messages(item)
                 self._last_turn = time.monotonic()
                 self.turns += 1
+            elif self.heard and time.monotonic() >= self._next_liveness:
+                # only on a turn that found nothing waiting: every message that came is read, so
+                # a busy rank 0 (a long snapshot, a backlog) cannot take a live agent for hung
+                self._check_liveness()
+                self._next_liveness = time.monotonic() + 1.0
             self._housekeeping()
             if self._drain_expired():
                 self.unresponsive = sorted(r for r, n in self.load.items() if n > 0)
                 log.error("agent ranks %s did not report their killed tasks within %.0f s",
                           self.unresponsive, DRAIN_TIMEOUT_S)
                 break
+        # A hung agent never takes its Shutdown: rank 0 leaves without it even when it held no task
+        self.unresponsive = sorted(set(self.unresponsive) | set(self.hung))
         log.info("%s", progress_line(self.engine, self.nodes))
         log.info("launches: %d, of which %d queued ahead; messages taken in %d turns; %.2f s of CPU",
                  self.launches, self.queued_ahead, self.turns, time.process_time())
@@ -184,6 +198,19 @@ class Master:
         if self.checkpoint is not None:
             self.checkpoint.tick(now)
 
+    def _check_liveness(self) -> None:
+        """Drain once an agent rank has been silent for ``agent_timeout`` (it says it is alive
+        every quarter of that): a hung rank (stopped, stuck in the kernel on a dead file
+        system, deadlocked) would otherwise hold the allocation until the wall time. The run
+        then leaves without it (exit 3; a restart runs its tasks again)."""
+        limit = time.monotonic() - self.options.agent_timeout
+        for rank, heard in self.heard.items():
+            if heard < limit and rank not in self.hung:
+                self.hung.append(rank)
+                log.error("agent rank %d sent nothing for %.0f s: taken for hung", rank,
+                          time.monotonic() - heard)
+                self.drain(f"agent rank {rank} hung")
+
     def _recall_stale(self, now: float) -> None:
         """Take back tasks queued ahead that have waited long (the task ahead runs longer than its
         label's estimate) when another node has room for them now: they come back interrupted,
@@ -210,8 +237,11 @@ class Master:
     def _take_messages(self, item) -> None:
         """Act on ``item`` and every message already waiting; the engine sees their events at once."""
         events: list = []
+        heard, now = self.heard, time.monotonic()
         for _ in range(BATCH_MAX):
             source, message = item
+            if source:   # not the local agent
+                heard[source] = now
             kind = type(message)
             if kind is TaskStarted:
                 events.append(message)
@@ -222,7 +252,7 @@ class Master:
                 self._apply(events)   # what came before the signal happened before the drain
                 events = []
                 self.drain(f"signal {message.signal} on rank {message.rank}")
-            elif kind is not Hello:
+            elif kind is not Hello and kind is not Alive:
                 log.warning("master ignores %r from rank %d", message, source)
             item = self._waiting_message()
             if item is None:
@@ -309,6 +339,7 @@ class RunConfig:
     bps_config: str | None = None       # QuantumGraph runs: BPS YAML with the requests
     lsst_mode: str = "warm"             # QuantumGraph runs: warm or subprocess
     queue_ahead_s: float = 0.0          # see pilot.engine_queue (0: off)
+    agent_timeout: float = AGENT_TIMEOUT_S   # an agent rank silent this long is taken for hung
 
 
 def wall_margin(deadline: float, start: float) -> float:
@@ -326,7 +357,8 @@ def master_main(transport: Transport, config: RunConfig, info, signals: Signals 
         raise
     code = EXIT_INTERRUPTED
     margin = wall_margin(config.deadline, time.time()) if config.deadline else 60.0
-    options = MasterOptions(config.logdir, config.progress_interval, config.deadline, margin)
+    options = MasterOptions(config.logdir, config.progress_interval, config.deadline, margin,
+                            agent_timeout=config.agent_timeout)
     master = None
     try:
         engine = _make_engine(config, graph, nodes, checkpoint, margin)

@@ -86,8 +86,15 @@ class Interrupted:
     signal: int
 
 
+@dataclass(frozen=True)
+class Alive:
+    """An agent is alive (sent every few seconds): rank 0 declares a silent agent hung."""
+
+    rank: int
+
+
 MESSAGE_TYPES = (Hello, RunTask, Kill, Shutdown, Interrupted,
-                 Schedule, TaskStarted, TaskFinished, NodeLost, Drain, Launch, Node, Recall)
+                 Schedule, TaskStarted, TaskFinished, NodeLost, Drain, Launch, Node, Recall, Alive)
 _CODE = {cls: code for code, cls in enumerate(MESSAGE_TYPES)}
 
 

@@ -178,6 +178,49 @@ def test_a_killed_agent_takes_the_processes_it_launched_with_it(tmp_path):
         cleanup_shm(before)
 
 
+def test_a_stopped_agent_is_taken_for_hung_and_the_run_exits_3(tmp_path):
+    """SIGSTOP of an agent rank: rank 0 hears nothing from it for --agent-timeout, drains and
+    leaves without it (exit 3) within seconds, instead of waiting for the wall time."""
+    wf, _ = workflow("long", tmp_path)
+    before = shm_segments()
+    proc = subprocess.Popen(pilot_cmd(3, wf, tmp_path, *NODE, "--agent-timeout", "2"), cwd=ROOT, env=mpi_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stopped, pids = 0, []
+    try:
+        wait_for(lambda: len(list(tmp_path.glob("*.marker"))) >= 6 and all(
+            len(p.read_text().split()) == 3 for p in tmp_path.glob("*.marker")), 30, what="six tasks running")
+        pids = [int(n) for p in tmp_path.glob("*.marker") for n in p.read_text().split() if int(n) > 0]
+        stopped = _parent(int((tmp_path / "l1.marker").read_text().split()[0]))   # l1's agent
+        os.kill(stopped, signal.SIGSTOP)
+        _, err = proc.communicate(timeout=60)
+        assert re.search(r"agent rank \d sent nothing for \d+ s: taken for hung", err), err[-3000:]
+        # rank 0's own exit; mpiexec reports it, or the SIGKILL it then sends the stopped rank
+        assert "leaving without the unresponsive agents (exit 3)" in err
+        assert proc.returncode in (3, 9), err[-3000:]
+    finally:
+        for pid in [stopped, *pids]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        cleanup_shm(before)
+
+
+def test_idle_agents_say_they_are_alive(tmp_path):
+    """Two 2.5 s tasks on four agent ranks with --agent-timeout 1: the agents without a task
+    (and those with one) send nothing else for longer than that, yet none is taken for hung."""
+    payload = ensure_payload()
+    wf = tmp_path / "two.yaml"
+    wf.write_text("requestMemory: 100\ntasks:\n" + "".join(
+        f"  - {{id: s{i}, command: [{payload}, --sleep, '2.5']}}\n" for i in range(2)))
+    proc = run_pilot(5, wf, tmp_path, *NODE, "--agent-timeout", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "hung" not in proc.stderr
+
+
 def test_sigterm_with_tasks_queued_ahead_exits_3_and_a_rerun_redoes_nothing_done(tmp_path):
     """Short tasks keep tasks queued behind running ones; a SIGTERM drops those unstarted and
     interrupts the running ones; the rerun finishes the rest and runs no task done before."""

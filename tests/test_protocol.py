@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pilot.events import Drain, Failure, Launch, Node, NodeLost, Schedule, TaskFinished, TaskStarted
-from pilot.protocol import (ALL_TASKS, MESSAGE_TYPES, Hello, Interrupted, Kill, Recall, RunTask, Shutdown,
+from pilot.protocol import (ALL_TASKS, MESSAGE_TYPES, Alive, Hello, Interrupted, Kill, Recall, RunTask, Shutdown,
                             from_wire, to_wire)
 
 SAMPLES = [
@@ -16,6 +16,7 @@ SAMPLES = [
     RunTask(task=0, attempt=1, node=0, task_id="a", label="default", node_name="h", command="echo hi",
             env=None, log="l", timeout=0.0, memory_mb=1, cpus=1, after=6),
     Recall(task=9, attempt=1),
+    Alive(rank=2),
     Kill(task=ALL_TASKS, attempt=0, failure=Failure.INTERRUPTED),
     Kill(task=5, attempt=1, failure=Failure.TIMEOUT),
     Shutdown(code=3),

@@ -38,6 +38,10 @@ def add_arguments(parser) -> None:
                         help="send a node its next task while a task expected to end within SECONDS "
                              "runs there, to start the moment that task ends in its cores and memory "
                              "(default 0.5; 0: never)")
+    parser.add_argument("--agent-timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="take an agent rank for hung when nothing has come from it for SECONDS "
+                             "(agents say they are alive every quarter of it): the run drains and "
+                             "exits 3 without it (default 120)")
 
 
 def run(args) -> int:
@@ -59,19 +63,19 @@ def run(args) -> int:
     info = local_node(args.node_memory, args.node_cores, per_rank=args.node_per_rank, rank=transport.rank)
     watch = WatchConfig(tolerance=args.memory_tolerance, sample_interval=args.memory_interval)
     if transport.rank != 0:
-        return guarded(transport, run_agent, transport, info, watch, signals)
+        return guarded(transport, run_agent, transport, info, watch, signals, args.agent_timeout / 4)
     config = RunConfig(
         workflow=args.file, checkpoint=args.checkpoint,
         logdir=args.log_dir or f"{args.checkpoint}.logs", max_failures=args.max_failures,
         retry_failed=args.retry_failed, deadline=run_deadline(args.walltime),
         progress_interval=args.progress_interval, watch=watch,
         butler=args.butler, bps_config=args.bps_config, lsst_mode=args.lsst_mode,
-        queue_ahead_s=args.queue_ahead)
+        queue_ahead_s=args.queue_ahead, agent_timeout=args.agent_timeout)
     return guarded(transport, master_main, transport, config, info, signals, expected=(UserError,))
 
 
 def _check(args) -> None:
-    for name in ("node_memory", "node_cores", "walltime", "max_failures"):
+    for name in ("node_memory", "node_cores", "walltime", "max_failures", "agent_timeout"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
