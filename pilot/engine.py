@@ -312,7 +312,7 @@ class Engine:
         node, memory, cpus = self.node_of.item(q), self.memory_request.item(q), self._cpus[q]
         self.cluster.place(q, node, memory, cpus, self._labels[q], now, counted=True)
         self.policy.placed(q, node, memory, cpus)
-        tail = (self.queue.chain(q) or [q])[-1]   # the chain moved up: its end may take one more
+        tail = self.queue.tail(q)   # the chain moved up: its end may take one more
         self.queue.offer(tail, self.cluster.label_estimate.item(self._labels[tail]))
 
     def _unqueue_early(self, t: int) -> None:

@@ -110,6 +110,13 @@ class QueueAhead:
             self.queued_at.pop(t, None)
         return queued
 
+    def tail(self, task: int) -> int:
+        """The last task queued behind ``task`` (``task`` itself if none)."""
+        nxt = self.next_of
+        while task in nxt:
+            task = nxt[task]
+        return task
+
     def chain(self, task: int) -> list[int]:
         """The tasks queued behind ``task``, nearest first."""
         out, nxt = [], self.next_of
