@@ -100,7 +100,8 @@ end_epoch() {{
 # ---- site set-up ----
 {setup}
 # ---- run ----
-record start ", \"nodes\": \"$SLURM_JOB_NODELIST\""
+# A job Slurm requeued (its node failed) starts again from the top: its record says so.
+record start ", \"nodes\": \"$SLURM_JOB_NODELIST\", \"restart\": ${{SLURM_RESTART_COUNT:-0}}"
 DONE_AT_START=$(done_count)
 END=$(end_epoch)
 walltime=()
@@ -151,6 +152,7 @@ def sbatch_directives(site: Site, options: JobOptions) -> list[str]:
         f"--time={format_walltime(options.walltime_s)}",
         f"--mem={site.memory_per_node_mb}",
         f"--signal=B:USR1@{signal_margin(options.drain_margin)}",
+        "--requeue",   # a node failure puts the job back in the queue, to resume from the checkpoint
         f"--chdir={options.run_dir}",
         f"--output={options.run_dir}/slurm-%j.out",
     ]

@@ -12,6 +12,8 @@
 # it (slurmd n1..n4), default 16817. Node size: $PILOT_SLURM_CPUS CPUs (default 2) and $PILOT_SLURM_MEM MB
 # (default 2000) per node; the four emulated nodes share this host's cores and memory. A node declaring
 # more CPUs than the host has gets SlurmdParameters=config_overrides.
+# JobRequeue=0, as at sites where jobs are not requeued by default: the pilot's batch script asks
+# for --requeue itself.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -86,6 +88,7 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$DIR/log/jobcomp.txt
 MpiDefault=pmi2
 ReturnToService=2
+JobRequeue=0
 MinJobAge=300
 KillWait=15
 InactiveLimit=0

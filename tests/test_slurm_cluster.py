@@ -126,6 +126,31 @@ def test_a_dead_agent_ends_the_job_and_the_chain_resumes(slurm_env, run, tmp_pat
     assert len(counts) == 64 and all(counts[t] == 1 for t in done_first), counts
 
 
+def test_a_node_failure_requeues_the_job_and_it_finishes_the_work(slurm_env, run, tmp_path):
+    """A node of the job goes down (NODE_FAIL): Slurm requeues the job (the script asks for
+    --requeue) and starts it again once it is eligible (Slurm holds a requeued job about two
+    minutes); the same job resumes from the checkpoint and runs no finished task again."""
+    workflow, records_file = fill_workflow("chain", tmp_path)
+    workflow.write_text(workflow.read_text().replace('"--sleep", "2"', '"--sleep", "6"'))   # 48 s of work
+    job = _submit_and_wait_for_progress(slurm_env, workflow, run, records_file, ("--walltime", "00:05:00"))
+    try:
+        subprocess.run(["scontrol", "update", "nodename=n3", "state=down", "reason=pilot-test"], env=slurm_env,
+                       check=True, capture_output=True)
+        wait_for(lambda: _job_state(slurm_env, job) == "PENDING", 60, what=f"job {job} requeued")
+    finally:   # back in service (the node never really went away)
+        subprocess.run(["scontrol", "update", "nodename=n3", "state=resume"], env=slurm_env, capture_output=True)
+    done = wait_for(lambda: next((r for r in read_chain(run) if r["event"] == "end" and r["exit"] == 0), None),
+                    300, interval=1.0, what="the requeued job to finish the work")
+    starts = [r for r in read_chain(run) if r["event"] == "start"]
+    assert done["job"] == job and [(r["job"], r["restart"]) for r in starts] == [(job, 0), (job, 1)], starts
+    completed_once(read_records(records_file), 64)
+
+
+def _job_state(env, job: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=env, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
 def _rank_pid(checkpoint: Path, rank: int) -> int:
     """The pid of the `pilot run` process of ``rank`` working on ``checkpoint``."""
     for proc in Path("/proc").glob("[0-9]*"):

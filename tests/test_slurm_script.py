@@ -111,7 +111,7 @@ def test_directives_follow_site():
     assert "#SBATCH --constraint=knl" in lines and "#SBATCH --qos=regular" in lines
     assert "#SBATCH --exclusive" in lines and "#SBATCH --nodes=4" in lines
     assert "#SBATCH --time=0-01:00:00" in lines and f"#SBATCH --mem={site.memory_per_node_mb}" in lines
-    assert "#SBATCH --signal=B:USR1@150" in lines
+    assert "#SBATCH --signal=B:USR1@150" in lines and "#SBATCH --requeue" in lines
     assert "#SBATCH --licenses=cscratch1" in lines
     assert not any(line.startswith("#SBATCH --account") for line in lines)   # null: left out
     assert not any(line.startswith("#SBATCH --partition") for line in lines)
