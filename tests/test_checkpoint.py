@@ -128,6 +128,14 @@ def test_another_workflow_is_refused(tmp_path):
     assert path.read_bytes() == before
 
 
+def test_a_run_directory_given_for_a_checkpoint_names_the_checkpoint_in_it(tmp_path):
+    open_checkpoint(tmp_path / "checkpoint.h5", chain_graph()).close()
+    with pytest.raises(UserError) as err:
+        load_checkpoint(tmp_path)
+    assert str(err.value) == f"{tmp_path} is a directory, not a checkpoint file; its run's checkpoint is " \
+                             f"{tmp_path / 'checkpoint.h5'}"
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "other_hdf5", "no_tasks"])
 def test_corrupt_checkpoint_is_refused_and_left_alone(tmp_path, damage):
     path, graph = tmp_path / "c.h5", chain_graph()
