@@ -14,7 +14,9 @@ fate follows the report of the task it waited for, in the same order the master 
 Messages to the master are few: a ``TaskStarted`` is held for ``STARTED_DELAY_S`` before it
 is sent, and dropped if the attempt ends first (its ``TaskFinished`` carries the start time;
 the engine takes a launched task straight to its end), so a short task costs one message and
-one engine event. Each loop iteration's messages leave as one batch.
+one engine event. Each loop iteration's messages leave as one batch. Besides, every quarter of
+``pilot run --agent-timeout`` an agent sends ``Alive``: rank 0 takes an agent rank it hears
+nothing from for that long for hung (see :meth:`pilot.master.Master._check_liveness`).
 """
 
 from __future__ import annotations
