@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -145,3 +146,50 @@ def _stop(run_dir: Path, job: str, state: str, log) -> None:
 def default_run_dir(workflow: str) -> str:
     """``runs/<workflow name>`` under the current directory."""
     return os.path.join("runs", Path(workflow).stem)
+
+
+# ---- the chain at a glance (`pilot status RUN_DIR`) ----------------------------------
+
+
+def chain_rows(run_dir) -> list[dict]:
+    """One row per job of the chain, in chain order: its index, how many times it started (a
+    job Slurm requeued starts again), its last end (exit code, signals, successor) and its state
+    in Slurm's queue when Slurm still knows it (else ``-``; it is not asked when unreachable)."""
+    records = read_chain(run_dir)
+    jobs = chain_jobs(records)
+    try:
+        states = job_states(jobs)
+    except UserError:   # no Slurm here, or its controller is down: the record alone
+        states = {}
+    rows = {job: {"job": job, "index": 0, "starts": 0, "exit": "", "signals": "", "next": "",
+                  "state": states.get(job, "-")} for job in jobs}
+    for rec in records:
+        row = rows.get(str(rec.get("job")))
+        if row is None:
+            continue
+        row["index"] = rec.get("index", row["index"])
+        if rec["event"] == "start":
+            row["starts"] += 1
+            row["exit"] = row["signals"] = row["next"] = ""   # this run of the job has not ended
+        elif rec["event"] == "end":
+            row.update(exit=str(rec.get("exit", "")), signals=rec.get("signals", ""), next=rec.get("next", ""))
+    return list(rows.values())
+
+
+def format_chain(rows: list[dict]) -> str:
+    """The chain's rows as a table (``job index starts state exit signals next``)."""
+    header = ("job", "index", "starts", "state", "exit", "signals", "next")
+    cells = [header] + [tuple(str(r[k]) or "-" for k in header) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c[i].ljust(widths[i]) for i in range(len(header))).rstrip() for c in cells)
+
+
+def run_checkpoint(run_dir) -> str:
+    """The checkpoint a run directory's batch script uses (its ``CHECKPOINT=`` line), else
+    ``RUN_DIR/checkpoint.h5``."""
+    script = Path(run_dir) / SCRIPT_NAME
+    if script.exists():
+        for line in script.read_text().splitlines():
+            if line.startswith("CHECKPOINT="):
+                return shlex.split(line.split("=", 1)[1], comments=True)[0]
+    return str(Path(run_dir) / "checkpoint.h5")

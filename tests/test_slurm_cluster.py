@@ -144,6 +144,11 @@ def test_a_node_failure_requeues_the_job_and_it_finishes_the_work(slurm_env, run
     starts = [r for r in read_chain(run) if r["event"] == "start"]
     assert done["job"] == job and [(r["job"], r["restart"]) for r in starts] == [(job, 0), (job, 1)], starts
     completed_once(read_records(records_file), 64)
+    status = pilot(slurm_env, "status", str(run))   # the chain, then the checkpoint
+    assert status.returncode == 0, status.stderr
+    row = status.stdout.splitlines()[1].split()
+    assert row[:3] == [job, "1", "2"] and row[4] == "0", status.stdout
+    assert status.stdout.splitlines()[-1].split()[-3:] == ["0", "0", "64"], status.stdout
 
 
 def _job_state(env, job: str) -> str:

@@ -71,6 +71,29 @@ def test_table_json_and_failed(tmp_path, capsys):
     assert "| line 19 of cal1" in out and "| line 16 of cal1" not in out
 
 
+def test_a_run_directory_shows_its_chain_then_its_checkpoint(tmp_path, capsys, monkeypatch):
+    """A requeued first job (two starts), its successor still running; Slurm is not reachable
+    here (no squeue on PATH), so states are '-'; the checkpoint is the one job.sh names."""
+    path, _ = run_to_end(tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "job.sh").write_text(f"#!/bin/bash\nRUN_DIR={run_dir}\nCHECKPOINT={path}\nMAX_JOBS=3  # jobs\n")
+    records = [{"event": "submit", "job": "7", "index": 1}, {"event": "start", "job": "7", "index": 1, "restart": 0},
+               {"event": "end", "job": "7", "index": 1, "exit": 3, "signals": "TERM", "next": ""},
+               {"event": "start", "job": "7", "index": 1, "restart": 1},
+               {"event": "end", "job": "7", "index": 1, "exit": 3, "signals": "USR1", "next": "8"},
+               {"event": "start", "job": "8", "index": 2, "restart": 0}]
+    (run_dir / "chain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm-here"))
+    assert main(["status", str(run_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split() for line in lines[:3]] == [
+        ["job", "index", "starts", "state", "exit", "signals", "next"],
+        ["7", "1", "2", "-", "3", "USR1", "8"],
+        ["8", "2", "1", "-", "-", "-", "-"]]
+    assert lines[3] == "" and lines[4].split() == ["task_type", *COLUMNS] and lines[-1].split()[-1] == "9"
+
+
 def test_failed_json(tmp_path, capsys):
     path, _ = run_to_end(tmp_path)
     assert main(["status", str(path), "--json", "--failed", "--lines", "1"]) == 0
