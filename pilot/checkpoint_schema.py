@@ -222,7 +222,9 @@ class Snapshot:
 def read_snapshot(path: str) -> Snapshot:
     """Read a checkpoint file; UserError (one line) if it is not a readable checkpoint."""
     if os.path.isdir(path):   # a run directory, most likely: name the checkpoint in it
-        inside = os.path.join(path, "checkpoint.h5")
+        from pilot.slurm_script import CHECKPOINT_NAME
+
+        inside = os.path.join(path, CHECKPOINT_NAME)
         hint = f"; its run's checkpoint is {inside}" if os.path.isfile(inside) else ""
         raise UserError(f"{path} is a directory, not a checkpoint file{hint}")
     try:

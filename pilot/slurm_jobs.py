@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pilot.errors import UserError
 from pilot.slurm import JobOptions, Site
-from pilot.slurm_script import CANCELLED_NAME, CHAIN_NAME, SCRIPT_NAME, render_script
+from pilot.slurm_script import CANCELLED_NAME, CHAIN_NAME, CHECKPOINT_NAME, SCRIPT_NAME, render_script
 
 ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
                            "RESIZING", "SIGNALING", "STAGE_OUT"})
@@ -192,4 +192,4 @@ def run_checkpoint(run_dir) -> str:
         for line in script.read_text().splitlines():
             if line.startswith("CHECKPOINT="):
                 return shlex.split(line.split("=", 1)[1], comments=True)[0]
-    return str(Path(run_dir) / "checkpoint.h5")
+    return str(Path(run_dir) / CHECKPOINT_NAME)

@@ -19,6 +19,7 @@ from pilot.slurm import JobOptions, Site, format_walltime, launch_line
 SCRIPT_NAME = "job.sh"
 CHAIN_NAME = "chain.jsonl"
 CANCELLED_NAME = "cancelled"
+CHECKPOINT_NAME = "checkpoint.h5"   # a run directory's checkpoint unless `pilot submit --checkpoint`
 
 # Every rank runs under this bash program (``bash -c RANK_WRAPPER name command...``). For rank 0 it
 # writes "node pid" to $PILOT_RANK0_PID and the exit code to $PILOT_RANK0_RC. It ignores USR1 and TERM

@@ -38,14 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from pilot.slurm import JobOptions, parse_walltime, resolve_site
     from pilot.slurm_jobs import default_run_dir, submit
-    from pilot.slurm_script import render_script
+    from pilot.slurm_script import CHECKPOINT_NAME, render_script
 
     site = resolve_site(args.site)
     workflow = os.path.abspath(args.workflow)
     run_dir = os.path.abspath(args.run_dir or default_run_dir(workflow))
     options = JobOptions(
         workflow=workflow, run_dir=run_dir,
-        checkpoint=os.path.abspath(args.checkpoint or os.path.join(run_dir, "checkpoint.h5")),
+        checkpoint=os.path.abspath(args.checkpoint or os.path.join(run_dir, CHECKPOINT_NAME)),
         nodes=args.nodes, walltime_s=parse_walltime(args.walltime), max_jobs=args.resubmit,
         drain_margin=site.drain_margin if args.drain_margin is None else args.drain_margin,
         job_name=args.job_name or f"pilot-{os.path.splitext(os.path.basename(workflow))[0]}",
