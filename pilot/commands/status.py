@@ -24,16 +24,17 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from pilot.checkpoint import load_checkpoint
-    from pilot.slurm_script import CHAIN_NAME
     from pilot.status import failed_tasks, format_failed, format_table, label_counts
 
     path = args.checkpoint
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, CHAIN_NAME)):
+    if os.path.isdir(path):   # a run directory of `pilot submit`: its chain first
         from pilot.slurm_jobs import chain_rows, format_chain, run_checkpoint
+        from pilot.slurm_script import CHAIN_NAME
 
-        if not args.json:
-            print(format_chain(chain_rows(path)) + "\n")
-        path = run_checkpoint(path)
+        if os.path.exists(os.path.join(path, CHAIN_NAME)):
+            if not args.json:
+                print(format_chain(chain_rows(path)) + "\n")
+            path = run_checkpoint(path)
     view = load_checkpoint(path)
     snap = view.snapshot
     counts = label_counts(snap.labels, snap.label, view.table.state)
