@@ -178,10 +178,10 @@ def chain_rows(run_dir) -> list[dict]:
 
 def format_chain(rows: list[dict]) -> str:
     """The chain's rows as a table (``job index starts state exit signals next``)."""
+    from pilot.status import aligned
+
     header = ("job", "index", "starts", "state", "exit", "signals", "next")
-    cells = [header] + [tuple(str(r[k]) or "-" for k in header) for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c[i].ljust(widths[i]) for i in range(len(header))).rstrip() for c in cells)
+    return aligned([header] + [tuple(str(r[k]) or "-" for k in header) for r in rows], left=len(header))
 
 
 def run_checkpoint(run_dir) -> str:

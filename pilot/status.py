@@ -41,14 +41,15 @@ def format_table(counts: dict[str, dict[str, int]]) -> str:
     header = ("task_type",) + COLUMNS
     rows = [(("total" if name == TOTAL_KEY else name),) + tuple(str(c[k]) for k in COLUMNS)
             for name, c in counts.items()]
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(_cell(v, w, i) for i, (v, w) in enumerate(zip(r, widths)))
-             for r in [header] + rows]
-    return "\n".join(line.rstrip() for line in lines)
+    return aligned([header] + rows)
 
 
-def _cell(value: str, width: int, column: int) -> str:
-    return value.ljust(width) if column == 0 else value.rjust(width)
+def aligned(rows: list[tuple[str, ...]], left: int = 1) -> str:
+    """``rows`` as columns two spaces apart, the first ``left`` left-justified and the others
+    right-justified, with no trailing spaces."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(v.ljust(w) if i < left else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+                     .rstrip() for r in rows)
 
 
 def describe_end(failure: int, exit_code: int, signal: int) -> str:
