@@ -56,6 +56,12 @@ def _check_queued(engine) -> None:
             "a queued task needs more than its predecessor holds"
         assert c.is_active(qa.root(q)), "a queue-ahead chain does not start at a placed task"
     assert all(engine.state[t] in (L, U) for t in qa.tails), "a finished task may still get a task queued behind"
+    assert qa.after_of.keys() <= qa.chain_of.keys(), "a queued task is in no chain's record"
+    for t, chain in qa.chain_of.items():
+        head = qa.root(t)
+        members = [head, *qa.chain(head)]
+        assert qa.chain_of.get(head) is chain and chain == [len(members) - 1, members[-1]], \
+            "a chain's record (queued count, end) disagrees with its links"
 
 
 def _check_parents(engine) -> None:

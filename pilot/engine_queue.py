@@ -42,6 +42,9 @@ class QueueAhead:
         self.after_of: dict[int, int] = {}   # queued task -> the task it waits for
         self.tails: dict[int, None] = {}     # launched tasks that may get one queued behind (ordered)
         self.queued_at: dict[int, float] = {}   # queued task -> when it was queued
+        # Every task of a chain (its placed head included) -> the chain's [queued count, tail],
+        # one list shared by the chain: a chain's depth and end without a walk along it.
+        self.chain_of: dict[int, list[int]] = {}
 
     @property
     def recall_after(self) -> float:
@@ -53,9 +56,11 @@ class QueueAhead:
         return [t for t, at in self.queued_at.items() if at <= before]
 
     def offer(self, task: int, estimate: float) -> None:
-        """``task`` was launched or queued: it may get a task queued behind it if it is short
-        and its chain has room."""
-        if estimate <= self.horizon and self.depth(task) < self.max_depth:
+        """``task``, the end of its chain (launched, queued, or moved up), may get a task queued
+        behind it if it is short and its chain has room."""
+        chain = self.chain_of.get(task)
+        depth = 0 if chain is None else chain[0]
+        if estimate <= self.horizon and depth < self.max_depth:
             self.tails[task] = None
 
     def depth(self, task: int) -> int:
@@ -72,21 +77,28 @@ class QueueAhead:
             task = after[task]
         return task
 
-    def link(self, queued: int, behind: int, now: float | None = None) -> None:
-        """Queue ``queued`` behind ``behind`` (``now``: when it was queued, if it is new here)."""
+    def link(self, queued: int, behind: int, now: float) -> None:
+        """Queue ``queued`` behind ``behind``, the end of its chain, at time ``now``."""
         self.next_of[behind] = queued
         self.after_of[queued] = behind
         self.tails.pop(behind, None)
-        if now is not None:
-            self.queued_at[queued] = now
+        self.queued_at[queued] = now
+        chain = self.chain_of.get(behind)
+        if chain is None:
+            chain = self.chain_of[behind] = [0, behind]
+        chain[0] += 1
+        chain[1] = queued
+        self.chain_of[queued] = chain
 
     def ended(self, task: int) -> int:
         """``task``'s attempt ended: the task to place in its resources now, or -1."""
         self.tails.pop(task, None)
+        chain = self.chain_of.pop(task, None)
         queued = self.next_of.pop(task, -1)
         if queued >= 0:
             del self.after_of[queued]
             del self.queued_at[queued]
+            chain[0] -= 1   # the queued task heads the chain now
         return queued
 
     def unlink(self, task: int) -> None:
@@ -94,11 +106,15 @@ class QueueAhead:
         before = self.after_of.pop(task)
         del self.queued_at[task]
         self.tails.pop(task, None)
+        chain = self.chain_of.pop(task)
+        chain[0] -= 1
         behind = self.next_of.pop(task, -1)
         if behind >= 0:
-            self.link(behind, before)
+            self.next_of[before] = behind
+            self.after_of[behind] = before
         else:
             del self.next_of[before]
+            chain[1] = before
 
     def drop_chain(self, task: int) -> list[int]:
         """Forget ``task`` and everything queued behind it (its node is gone); the queued ones."""
@@ -108,14 +124,13 @@ class QueueAhead:
             self.next_of.pop(t, None)
             self.after_of.pop(t, None)
             self.queued_at.pop(t, None)
+            self.chain_of.pop(t, None)
         return queued
 
     def tail(self, task: int) -> int:
         """The last task queued behind ``task`` (``task`` itself if none)."""
-        nxt = self.next_of
-        while task in nxt:
-            task = nxt[task]
-        return task
+        chain = self.chain_of.get(task)
+        return task if chain is None else chain[1]
 
     def chain(self, task: int) -> list[int]:
         """The tasks queued behind ``task``, nearest first."""
@@ -130,33 +145,45 @@ def queue_ahead(engine, now: float) -> list:
     """Queue ready tasks behind short launched tasks (see the module docstring), a chain
     link per round; the ``Launch`` actions, each with ``after`` set."""
     launches: list = []
-    for _ in range(engine.queue.max_depth):
-        if not engine.queue.tails or not engine.policy.queued():
+    qa = engine.queue
+    if not qa.tails or not engine.policy.queued():
+        return launches
+    # When each chain is expected to free its slot: walked once here, then extended as the
+    # rounds link tasks (a round re-walking every chain cost rank 0 more than the rest of it).
+    free_at = {x: _chain_free_at(engine, x, now) for x in qa.tails}
+    for _ in range(qa.max_depth):
+        if not qa.tails or not engine.policy.queued():
             break
-        made = _queue_round(engine, now)
+        made = _queue_round(engine, now, free_at)
         if not made:
             break
         launches += made
     return launches
 
 
-def _queue_round(engine, now: float) -> list:
+def _chain_free_at(engine, x: int, now: float) -> float:
+    """When the chain ending at launched or queued task ``x`` is expected to free its slot:
+    its placed task's expected end (``now`` if overdue), then the queued ones' estimates."""
+    c, labels, after = engine.cluster, engine._labels, engine.queue.after_of
+    est = c.label_estimate
+    ahead, t = [], x   # one walk back to the placed task, noting the queued ones' estimates
+    while t in after:
+        ahead.append(est.item(labels[t]))
+        t = after[t]
+    free_at = max(now, c.start_of(t) + est.item(labels[t]))
+    for seconds in reversed(ahead):   # summed from the placed task on, as they will run
+        free_at += seconds
+    return free_at
+
+
+def _queue_round(engine, now: float, free_at: dict[int, float]) -> list:
     from pilot.events import Launch, State
 
     qa, c = engine.queue, engine.cluster
-    est, labels, after = c.label_estimate, engine._labels, qa.after_of
-    slots = []
-    for x in qa.tails:
-        ahead, t = [], x   # one walk back to the placed task, noting the queued ones' estimates
-        while t in after:
-            ahead.append(est.item(labels[t]))
-            t = after[t]
-        free_at = max(now, c.start_of(t) + est.item(labels[t]))
-        for seconds in reversed(ahead):   # summed from the placed task on, as they will run
-            free_at += seconds
-        if free_at > now + qa.horizon:
-            continue   # the chain already holds a horizon's worth of work
-        slots.append((x, engine.node_of.item(x), engine.memory_request.item(x), engine._cpus[x], free_at))
+    est, labels = c.label_estimate, engine._labels
+    limit = now + qa.horizon
+    slots = [(x, engine.node_of.item(x), engine.memory_request.item(x), engine._cpus[x], free_at[x])
+             for x in qa.tails if free_at[x] <= limit]   # else the chain holds a horizon's worth
     launches = []
     for q, x in engine.policy.select_successors(c, slots, now):
         engine._move(q, int(State.LAUNCHED), now)
@@ -167,6 +194,8 @@ def _queue_round(engine, now: float) -> list:
         engine.start_time[q] = now
         c.running[labels[q]] += 1
         qa.link(q, x, now)
-        qa.offer(q, est.item(labels[q]))
+        seconds = est.item(labels[q])
+        free_at[q] = free_at.pop(x) + seconds
+        qa.offer(q, seconds)
         launches.append(Launch(q, attempt, node, engine.memory_request.item(q), engine._cpus[q], x))
     return launches

@@ -240,7 +240,7 @@ def test_progress_line_counts():
     engine = FakeEngine()
     engine.state = np.append(engine.state, State.LAUNCHED)   # task 5: queued behind task 1
     engine.node_of = np.append(engine.node_of, 1)
-    engine.queue.link(5, 1)
+    engine.queue.link(5, 1, 0.0)
     line = progress_line(engine, [Node("a", 100, 1), Node("b", 100, 1)])
     assert line == ("progress: done 1/6 running 2 queued 1 ready 1 failed 1 dep_fail 0 | nodes busy 1/2 "
                     "| memory 30/200 MB")
