@@ -14,7 +14,10 @@ fate follows the report of the task it waited for, in the same order the master 
 Messages to the master are few: a ``TaskStarted`` is held for ``STARTED_DELAY_S`` before it
 is sent, and dropped if the attempt ends first (its ``TaskFinished`` carries the start time;
 the engine takes a launched task straight to its end), so a short task costs one message and
-one engine event. Each loop iteration's messages leave as one batch. Besides, every quarter of
+one engine event. Each loop iteration's messages leave as one batch, and reports of attempts
+whose slot went straight to a task queued behind them may wait up to ``REPORT_HOLD_S`` to leave
+with later ones (:class:`ReportHold`): rank 0 takes its messages every ``PACE_S`` anyway, so
+one message for several ends spares both sides a send and a receive per task. Besides, every quarter of
 ``pilot run --agent-timeout`` an agent sends ``Alive``: rank 0 takes an agent rank it hears
 nothing from for that long for hung (see :meth:`pilot.master.Master._check_liveness`).
 """
@@ -42,6 +45,8 @@ STOP_HOLD_S = 1.0    # how long a result killed by SIGTERM/SIGINT/SIGUSR1 waits 
 IDLE_POLL_S = 0.25   # how often an idle loop looks at signals (the transport sleeps in between)
 STARTED_DELAY_S = 0.05   # a start is reported at the latest this long after it happened
 ALIVE_INTERVAL_S = 30.0  # an agent says it is alive this often (`pilot run --agent-timeout` / 4)
+REPORT_HOLD_S = 0.005   # reports that free no slot wait at most this long (half rank 0's PACE_S)
+RING_WINDOW_S = 0.005   # after a ring, a busy agent probes on every turn this long (see Prober)
 
 
 class Signals:
@@ -76,6 +81,9 @@ class Agent:
         self.starts: dict[tuple[int, int], TaskStarted] = {}   # (task, attempt): sent when due or not at all
         self.waiting: dict[int, list[RunTask]] = {}   # task -> RunTasks queued to start when it ends
         self.unreported: set[int] = set()   # tasks running, queued or ended but not yet reported
+        # A message was sent that rank 0 should see at once: a report that left a slot idle (no
+        # task queued behind it here), or anything once the run stops (see ReportHold).
+        self.urgent = False
         self._starts_due = 0.0
         self._next_sample = 0.0
         # Per loop turn the cost follows what happened, not how many attempts run (a node may
@@ -85,6 +93,7 @@ class Agent:
         self._key_of_fd: dict[int, tuple[int, int]] = {}
         self._timed: set[tuple[int, int]] = set()
         self._wake_fds: set[int] = set()
+        self.rung = False   # a wake fd was readable when the attempts' epoll was last polled
 
     @property
     def busy(self) -> bool:
@@ -214,7 +223,10 @@ class Agent:
         """Report an ended attempt, then begin what was queued behind it."""
         self.send(result)
         self.unreported.discard(result.task)
-        for run in self.waiting.pop(result.task, ()):
+        behind = self.waiting.pop(result.task, ())
+        if not behind or self.stop_seen or self.stopped:
+            self.urgent = True   # its slot is free for rank 0 to fill, or the run is stopping
+        for run in behind:
             self._begin(run)
 
     def _release_held(self, now: float) -> bool:
@@ -233,11 +245,18 @@ class Agent:
         return released
 
     def _exited(self) -> list[tuple[int, int]]:
-        """Attempts whose main process has ended (their pidfd is readable): one syscall for all."""
-        if not self.runners:
+        """Attempts whose main process has ended (their pidfd is readable), from one syscall that
+        also tells whether the transport's doorbell rang (:attr:`rung`)."""
+        if not self.runners and not self._wake_fds:
             return []
-        keys = self._key_of_fd
-        return list(dict.fromkeys(keys[fd] for fd, _ in self._epoll.poll(0) if fd in keys))
+        keys, ended = self._key_of_fd, []
+        for fd, _ in self._epoll.poll(0):
+            key = keys.get(fd)
+            if key is not None:
+                ended.append(key)
+            elif fd in self._wake_fds:
+                self.rung = True
+        return list(dict.fromkeys(ended)) if len(ended) > 1 else ended
 
     def _sample(self) -> None:
         # An attempt is first sampled one interval after it starts: short tasks cost no scan.
@@ -248,13 +267,17 @@ class Agent:
             for runner in due:
                 runner.observe(table.rss_mb(runner.pid, runner.pid))
 
-    def wait(self, timeout: float, wake_fd: int | None = None) -> bool:
-        """Sleep up to ``timeout`` s, waking as soon as an attempt ends, a check is due or
-        ``wake_fd`` (the transport's) becomes readable; True if something did (maybe ``wake_fd``:
-        the caller then lets the transport look)."""
+    def watch_wake_fd(self, wake_fd: int | None) -> None:
+        """Let ``wake_fd`` (the transport's doorbell) end :meth:`wait` and set :attr:`rung`."""
         if wake_fd is not None and wake_fd not in self._wake_fds:
             self._epoll.register(wake_fd, select.EPOLLIN)
             self._wake_fds.add(wake_fd)
+
+    def wait(self, timeout: float, wake_fd: int | None = None) -> bool:
+        """Sleep up to ``timeout`` s, waking as soon as an attempt ends, a check is due or
+        ``wake_fd`` (the transport's) becomes readable; True if something did (maybe ``wake_fd``:
+        the next :meth:`step` tells, through :attr:`rung`)."""
+        self.watch_wake_fd(wake_fd)
         if self.runners or self.starts:
             due = [self._next_sample] + [d for k in self._timed if (d := self.runners[k].next_deadline)]
             if self.starts:
@@ -266,6 +289,66 @@ class Agent:
         # transport's back-off after a ring asks for 50 us
         readable, _, _ = select.select([self._epoll], [], [], timeout)
         return bool(readable)
+
+
+class Prober:
+    """When a busy agent probes the transport for messages: after its doorbell rang (and then on
+    every turn for ``RING_WINDOW_S`` until a message comes: one may be a moment behind its
+    ring), else every ``interval`` seconds, for a lost ring or a peer without a doorbell. A turn
+    that follows a task's end thus costs no probe, which in MPI also runs the progress engine."""
+
+    def __init__(self, transport: Transport):
+        self.always = transport.wake_fd is None   # nothing rings: probe on every turn
+        self.interval = transport.backoff.max_sleep
+        self.next = 0.0
+        self.eager_until = 0.0
+
+    def due(self, rung: bool, now: float) -> bool:
+        if rung:
+            self.eager_until = now + RING_WINDOW_S
+        return self.always or now < self.eager_until or now >= self.next
+
+    def probed(self, found: bool, now: float) -> None:
+        self.next = now + self.interval
+        if found:
+            self.eager_until = 0.0
+
+
+class ReportHold:
+    """Messages to rank 0 leave together: at once when one is urgent (:attr:`Agent.urgent`),
+    else ``hold`` seconds after the first of them at the latest."""
+
+    def __init__(self, transport: Transport, agent_of, hold: float = REPORT_HOLD_S):
+        self.transport = transport
+        self.agent_of = agent_of   # the Agent whose urgency counts (set after it is made)
+        self.hold = hold
+        self.since: float | None = None   # when the oldest unsent message was queued
+
+    def send(self, message) -> None:
+        self.transport.send(0, message)
+        if self.since is None:
+            self.since = time.monotonic()
+
+    def due(self) -> float | None:
+        """Seconds until the held messages must leave (0: now), or None if none are held."""
+        if self.since is None:
+            return None
+        agent = self.agent_of()
+        if agent.urgent or agent.stop_seen:
+            return 0.0
+        return max(0.0, self.since + self.hold - time.monotonic())
+
+    def flush_if_due(self) -> None:
+        if self.due() == 0.0:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send what is held; rank 0's doorbell rings only for urgent messages: it finds the
+        others at its next paced turn, and a ring would cut its pace short."""
+        agent = self.agent_of()
+        self.transport.flush(ring=agent.urgent or agent.stop_seen or agent.stopped)
+        self.since = None
+        agent.urgent = False
 
 
 def _not_started(run: RunTask) -> TaskFinished:
@@ -281,13 +364,28 @@ def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchCo
     Returns 0: rank 0 alone carries the run's exit code. A launcher that ends the whole step
     when a rank exits non-zero (``srun --kill-on-bad-exit``, which the site files use so that a
     dead rank cannot stall a job) would otherwise kill rank 0 while it closes the checkpoint."""
-    agent = Agent(lambda message: transport.send(0, message), watch)
+    hold = ReportHold(transport, lambda: agent)
+    agent = Agent(hold.send, watch)
     transport.send(0, Hello(transport.rank, info.name, info.memory_mb, info.cores, os.getpid()))
     backoff = transport.backoff   # shared: a doorbell ring seen by poll makes the loop probe eagerly
     gc.freeze()   # what start-up imported is never garbage: keep collections short
     next_alive = time.monotonic() + alive_interval
+    agent.watch_wake_fd(transport.wake_fd)
+    prober = Prober(transport)
     while not agent.stopped:
-        item = transport.poll(0.0 if agent.busy else IDLE_POLL_S)
+        busy = agent.busy
+        if not busy:
+            hold.flush()   # nothing runs here: whatever is held leaves before the idle wait
+            agent.rung = False   # the idle poll empties the doorbell itself
+            item = transport.poll(IDLE_POLL_S, flush=False)
+        else:
+            hold.flush_if_due()
+            now = time.monotonic()
+            if prober.due(_take_ring(agent, transport), now):
+                item = transport.poll(0.0, flush=False)
+                prober.probed(item is not None, now)
+            else:
+                item = None
         got = item is not None
         while item is not None:   # a whole batch from the master before looking at the tasks
             agent.handle(item[1])
@@ -296,19 +394,29 @@ def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchCo
             backoff.activity()
         _forward_signal(agent, transport, signals)
         if time.monotonic() >= next_alive:   # rank 0 takes a silent agent for a hung one
-            transport.send(0, Alive(transport.rank))
+            hold.send(Alive(transport.rank))
+            hold.flush()
             next_alive = time.monotonic() + alive_interval
         if agent.step():
             backoff.activity()
-        elif not got and agent.busy:
-            transport.flush()
-            if agent.wait(backoff.next_delay(), transport.wake_fd):
-                transport.woken()
+        elif not got and agent.busy and not agent.rung:
+            hold.flush_if_due()
+            delay, due = backoff.next_delay(), hold.due()
+            agent.wait(delay if due is None else min(delay, due))
     _finish(agent)
     if agent.exit_code != EXIT_USAGE:   # a refused run says one line, rank 0's error
         log.info("attempts started: %d; %.2f s of CPU", agent.started, time.process_time())
     transport.close()
     return 0
+
+
+def _take_ring(agent: Agent, transport: Transport) -> bool:
+    """Whether the doorbell rang since the last look; empties it (so the next wait sleeps)."""
+    if not agent.rung:
+        return False
+    agent.rung = False
+    transport.woken()
+    return True
 
 
 def _forward_signal(agent: Agent, transport: Transport, signals: Signals | None) -> None:

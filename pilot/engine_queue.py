@@ -20,8 +20,9 @@ The contract that keeps a node from being over-committed:
   long behind a running one: a queued task is expected to wait at most ``horizon``, and a task
   that became ready meanwhile with a higher priority waits about that long behind it.
   The depth covers the time rank 0 lets messages gather between its turns (``PACE_S`` in
-  :mod:`pilot.master`): a node whose chain is as deep as a few tasks keeps its cores busy while
-  rank 0 is not looking.
+  :mod:`pilot.master`) plus the time an agent holds its reports (``REPORT_HOLD_S`` in
+  :mod:`pilot.agent`): a node whose chain is that deep keeps its cores busy while rank 0 is
+  not looking, even on tasks of a millisecond.
 - Estimates can be wrong: rank 0 takes back (``Recall``) a task that has waited longer than
   ``recall_after`` while another node has room for it; the agent reports it interrupted, unstarted,
   and it runs elsewhere (``queued_at`` and :meth:`QueueAhead.stale` serve that).
@@ -29,7 +30,7 @@ The contract that keeps a node from being over-committed:
 
 from __future__ import annotations
 
-DEPTH = 8   # queued tasks behind one running task, at most (the default)
+DEPTH = 32   # queued tasks behind one running task, at most (the default)
 
 
 class QueueAhead:

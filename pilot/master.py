@@ -39,9 +39,11 @@ DRAIN_TIMEOUT_S = 8.0  # after a drain, give agents this long to report their ki
 HELLO_TIMEOUT_S = 120.0
 BATCH_MAX = 1024       # messages taken in one turn of the loop before the engine schedules
 # While tasks are queued ahead on the agents, rank 0 takes its messages at most this often: the
-# agents start queued tasks without it, and one turn over a few results costs rank 0 far less
-# than a turn per result (each wake-up and each engine pass has a fixed price).
-PACE_S = 0.002
+# agents start queued tasks without it, and one turn over many results costs rank 0 far less
+# than a turn per result (each wake-up and each engine pass has a fixed price). An urgent
+# message (a slot left idle) rings and ends the pace early. 2 ms gave 8 tasks a turn on null
+# tasks at 2 x 2; 10 ms, with the agents' held reports, rank 0 about 15 us less per task.
+PACE_S = 0.010
 AGENT_TIMEOUT_S = 120.0   # an agent rank silent this long is taken for hung (`--agent-timeout`)
 
 
@@ -167,7 +169,7 @@ class Master:
         if self.local is None and self.engine.queue.queued_at and self.drained_at is None:
             left = self._last_turn + self.options.pace_s - time.monotonic()
             if left > 0:
-                time.sleep(left)
+                self.transport.nap(left)   # an urgent message (a slot left idle) rings
 
     def _next_message(self):
         if self.inbox:

@@ -13,7 +13,8 @@ probes with an adaptive back-off (:class:`Backoff`): after a message it keeps pr
 idle rank therefore wakes about 100 times a second and costs about 1% of a core.
 
 MPI offers no way to sleep until a message comes, so every rank also has a :class:`Doorbell`
-(a UDP socket): a flush rings the receiver's doorbell right after the MPI send, and the
+(a UDP socket): a flush rings the receiver's doorbell right after the MPI send (unless the
+sender says the receiver need not wake for it: ``flush(ring=False)``), and the
 receiver's sleeps are ``select`` calls on it (the agent's also on its tasks' pidfds), so a
 message wakes its receiver at once instead of at the end of a back-off sleep. A ring whose
 message is not visible yet starts short sleeps (50 us, doubling) rather than a spin: on a
@@ -254,17 +255,20 @@ class Transport(ABC):
         """Queue ``message`` for rank ``dest``; it leaves at the next ``flush``, ``poll`` or ``close``."""
         self._outbox.setdefault(dest, []).append(to_wire(message))
 
-    def flush(self) -> None:
-        """Send every queued message (one batch per destination), without waiting for delivery."""
+    def flush(self, ring: bool = True) -> None:
+        """Send every queued message (one batch per destination), without waiting for delivery.
+        ``ring=False``: the receivers' doorbells are not rung, for messages they need not see
+        before they next look by themselves (a paced rank 0, a back-off's probe)."""
         if self._outbox:
             outbox, self._outbox = self._outbox, {}
             for dest, batch in outbox.items():
-                self._send_batch(dest, batch)
+                self._send_batch(dest, batch, ring)
 
-    def poll(self, timeout: float):
+    def poll(self, timeout: float, flush: bool = True):
         """The next ``(source, message)``, waiting at most ``timeout`` seconds; None if none came.
-        Flushes first."""
-        self.flush()
+        Flushes first (unless ``flush`` is False: the caller holds its messages back a moment)."""
+        if flush:
+            self.flush()
         if not self._inbox and not self._receive(timeout):
             return None
         return self._inbox.popleft()
@@ -274,8 +278,9 @@ class Transport(ABC):
         self._inbox.extend((source, from_wire(wire)) for wire in batch)
 
     @abstractmethod
-    def _send_batch(self, dest: int, batch: list) -> None:
-        """Send a list of wire messages to ``dest`` as one transport message."""
+    def _send_batch(self, dest: int, batch: list, ring: bool = True) -> None:
+        """Send a list of wire messages to ``dest`` as one transport message (ringing its
+        doorbell, if it has one, when ``ring``)."""
 
     @abstractmethod
     def _receive(self, timeout: float) -> bool:
@@ -287,6 +292,11 @@ class Transport(ABC):
 
     def woken(self) -> None:
         """A wait outside ``poll`` found ``wake_fd`` readable: consume the wake-up."""
+
+    def nap(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``, or until a peer rings (then True): a paced loop's wait."""
+        time.sleep(seconds)
+        return False
 
     @abstractmethod
     def abort(self, code: int) -> None:
@@ -325,9 +335,10 @@ class MPITransport(Transport):
         every_bell = all(self._bells)
         self.backoff = backoff or (Backoff(spin=0.0, min_sleep=0.001, max_sleep=0.02) if every_bell else Backoff())
 
-    def _send_batch(self, dest: int, batch: list) -> None:
+    def _send_batch(self, dest: int, batch: list, ring: bool = True) -> None:
         self._pending.append(self.comm.isend(batch, dest=dest, tag=TAG))
-        self.doorbell.ring(self._bells[dest])
+        if ring:
+            self.doorbell.ring(self._bells[dest])
         if len(self._pending) > 64:
             self._pending = [r for r in self._pending if not r.Test()]
 
@@ -360,6 +371,9 @@ class MPITransport(Transport):
     def woken(self) -> None:
         if self.doorbell.drain():
             self.backoff.rung()   # the message may be a moment behind its ring: probe again soon
+
+    def nap(self, seconds: float) -> bool:
+        return self.doorbell.wait(seconds)
 
     def abort(self, code: int) -> None:
         sys.stderr.flush()
@@ -408,7 +422,7 @@ class LocalTransport(Transport):
         self._check()
         super().send(dest, message)
 
-    def _send_batch(self, dest: int, batch: list) -> None:
+    def _send_batch(self, dest: int, batch: list, ring: bool = True) -> None:
         self.hub.queues[dest].put((self.rank, batch))
 
     def _receive(self, timeout: float) -> bool:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import time
+from types import SimpleNamespace
 
-from pilot.agent import STARTED_DELAY_S, Agent
+from pilot.agent import RING_WINDOW_S, STARTED_DELAY_S, Agent, Prober, ReportHold
 from pilot.events import Failure, TaskFinished, TaskStarted
-from pilot.protocol import ALL_TASKS, Kill, Recall, RunTask
+from pilot.protocol import ALL_TASKS, Alive, Kill, Recall, RunTask
 from pilot.runner import WatchConfig
+from pilot.transport import LocalHub
 from tests.helpers import wait_for
 
 
@@ -189,3 +191,69 @@ def test_a_recalled_task_is_reported_unstarted_and_the_one_behind_it_moves_up(tm
     assert [(r.task, r.failure) for r in results] == [(2, Failure.INTERRUPTED), (1, Failure.INTERRUPTED),
                                                       (3, Failure.INTERRUPTED)]
     assert not (tmp_path / "two").exists() and not (tmp_path / "three").exists()
+
+
+def test_a_report_is_urgent_only_when_no_queued_task_takes_its_slot(tmp_path):
+    sent = []
+    agent = Agent(sent.append, WatchConfig())
+    agent.handle(_queued(tmp_path, 1, -1, ["true"]))
+    agent.handle(_queued(tmp_path, 2, 1, ["true"]))
+    _results(agent, sent, 1)
+    assert [m.task for m in sent] == [1] and not agent.urgent   # task 2 took the slot at once
+    _results(agent, sent, 2)
+    assert agent.urgent   # nothing followed task 2: rank 0 has a slot to fill
+
+
+def _hold_agent(**state):
+    return SimpleNamespace(urgent=False, stop_seen=False, stopped=False, **state)
+
+
+def test_held_reports_leave_together_when_the_hold_ends_or_one_is_urgent():
+    hub = LocalHub(2)
+    master, agent_end = hub.endpoint(0), hub.endpoint(1)
+    agent = _hold_agent()
+    hold = ReportHold(agent_end, lambda: agent, hold=3600.0)
+    hold.send(Alive(1))
+    hold.send(Alive(1))
+    assert 0 < hold.due() <= 3600.0
+    hold.flush_if_due()
+    assert master.poll(0.0) is None   # held
+    agent.urgent = True
+    assert hold.due() == 0.0
+    hold.flush_if_due()
+    assert [master.poll(0.0)[1], master.poll(0.0)[1]] == [Alive(1), Alive(1)]
+    assert hold.due() is None and not agent.urgent
+
+    short = ReportHold(agent_end, lambda: agent, hold=0.01)
+    short.send(Alive(1))
+    wait_for(lambda: short.due() == 0.0, 10, 0.005, "the end of the hold")
+    short.flush_if_due()
+    assert master.poll(0.0)[1] == Alive(1)
+
+
+def test_a_busy_agent_probes_after_a_ring_until_a_message_comes_else_at_its_interval():
+    prober = Prober(SimpleNamespace(wake_fd=5, backoff=SimpleNamespace(max_sleep=0.02)))
+    assert prober.due(False, 0.0)   # first look
+    prober.probed(False, 0.0)
+    assert not prober.due(False, 0.001)   # no ring: no probe
+    assert prober.due(True, 0.001)         # a ring
+    prober.probed(False, 0.001)            # its message is not visible yet...
+    assert prober.due(False, 0.002)        # ...so the next turn probes again
+    prober.probed(True, 0.002)             # found
+    assert not prober.due(False, 0.003)
+    assert prober.due(False, 0.0221)       # the interval: a lost ring costs no more than this
+
+
+def test_a_ring_whose_message_never_shows_stops_the_eager_probes_after_a_window():
+    prober = Prober(SimpleNamespace(wake_fd=5, backoff=SimpleNamespace(max_sleep=1.0)))
+    assert prober.due(True, 0.0)
+    prober.probed(False, 0.0)
+    assert prober.due(False, RING_WINDOW_S / 2)
+    prober.probed(False, RING_WINDOW_S / 2)
+    assert not prober.due(False, RING_WINDOW_S * 1.01)
+
+
+def test_without_a_doorbell_a_busy_agent_probes_on_every_turn():
+    prober = Prober(SimpleNamespace(wake_fd=None, backoff=SimpleNamespace(max_sleep=0.02)))
+    prober.probed(False, 0.0)
+    assert prober.due(False, 0.0001)
