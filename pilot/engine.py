@@ -20,7 +20,7 @@ from pilot.engine_queue import DEPTH, QueueAhead, queue_ahead
 from pilot.engine_retry import next_attempt
 from pilot.engine_states import ALLOWED_TABLE, IllegalTransition, TransitionLog
 from pilot.events import (Drain, Failure, Launch, NodeLost, Schedule, State, TaskFinished,
-                          TaskStarted)
+                          TaskStarted, new_launch)
 from pilot.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 
 P, R, L, U, D, F, X = (int(s) for s in State)
@@ -351,7 +351,7 @@ class Engine:
         c.place(t, node, memory, cpus, self._labels[t], now)
         if self.queue.horizon > 0:
             self.queue.offer(t, c.label_estimate.item(self._labels[t]))
-        return Launch(t, attempt, node, memory, cpus)   # positional: half the cost of keywords
+        return new_launch(t, attempt, node, memory, cpus, -1)
 
     def _promote(self, tasks: np.ndarray, now: float) -> None:
         """PENDING -> READY for ``tasks`` (all parents done) and hand them to the policy."""

@@ -178,7 +178,7 @@ def _chain_free_at(engine, x: int, now: float) -> float:
 
 
 def _queue_round(engine, now: float, free_at: dict[int, float]) -> list:
-    from pilot.events import Launch, State
+    from pilot.events import State, new_launch
 
     qa, c = engine.queue, engine.cluster
     est, labels = c.label_estimate, engine._labels
@@ -198,5 +198,5 @@ def _queue_round(engine, now: float, free_at: dict[int, float]) -> list:
         seconds = est.item(labels[q])
         free_at[q] = free_at.pop(x) + seconds
         qa.offer(q, seconds)
-        launches.append(Launch(q, attempt, node, engine.memory_request.item(q), engine._cpus[q], x))
+        launches.append(new_launch(q, attempt, node, engine.memory_request.item(q), engine._cpus[q], x))
     return launches

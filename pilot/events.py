@@ -106,3 +106,29 @@ class Node:
     name: str
     memory_mb: int
     cores: int
+
+
+# ---- fast construction ----------------------------------------------------------------
+
+
+def maker(cls):
+    """A constructor of the frozen dataclass ``cls`` taking *every* field, positionally and in
+    order, that stores them as its ``__init__`` would, without an ``object.__setattr__`` per
+    field: a third of the cost, for the messages made once per task (a run makes millions).
+    Only for classes without ``__post_init__`` or slots."""
+    from dataclasses import fields
+
+    assert not hasattr(cls, "__post_init__") and not hasattr(cls, "__slots__"), cls
+    names, new = tuple(f.name for f in fields(cls)), object.__new__
+
+    def make(*values):
+        message = new(cls)
+        message.__dict__.update(zip(names, values))
+        return message
+    make.__doc__ = f"{cls.__name__}({', '.join(names)}), every field given"
+    return make
+
+
+new_task_started = maker(TaskStarted)
+new_task_finished = maker(TaskFinished)
+new_launch = maker(Launch)

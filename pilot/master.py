@@ -29,7 +29,7 @@ from pilot.agent import Agent, Signals
 from pilot.errors import EXIT_INTERRUPTED, EXIT_USAGE
 from pilot.events import Drain, Failure, Node, Schedule, State, TaskFinished, TaskStarted
 from pilot.graph import Graph
-from pilot.protocol import ALL_TASKS, Alive, Hello, Interrupted, Kill, Recall, RunTask, Shutdown
+from pilot.protocol import ALL_TASKS, Alive, Hello, Interrupted, Kill, Recall, RunTask, Shutdown, new_run_task
 from pilot.runner import WatchConfig, log_path
 from pilot.transport import Backoff, Transport, flush_output
 
@@ -309,10 +309,10 @@ class Master:
     def run_task(self, launch) -> RunTask:
         """The agent's order for one Launch action."""
         g, t = self.graph, launch.task
-        return RunTask(t, launch.attempt, launch.node, g.ids[t], g.labels[g.label[t]],
-                       self.nodes[launch.node].name, g.commands[t], g.env[t],
-                       log_path(self.options.logdir, t, g.ids[t], launch.attempt),
-                       float(g.timeout[t]), int(launch.memory_mb), int(launch.cpus), launch.after)
+        return new_run_task(t, launch.attempt, launch.node, g.ids[t], g.labels[g.label[t]],
+                            self.nodes[launch.node].name, g.commands[t], g.env[t],
+                            log_path(self.options.logdir, t, g.ids[t], launch.attempt),
+                            float(g.timeout[t]), int(launch.memory_mb), int(launch.cpus), launch.after)
 
     def _send(self, rank: int, message) -> None:
         if rank == self.transport.rank and self.local is not None:

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 
 from pilot import nodes
-from pilot.events import Failure, TaskFinished, TaskStarted
+from pilot.events import Failure, TaskFinished, TaskStarted, new_task_finished, new_task_started
 from pilot.protocol import RunTask
 from pilot.spawn import launch_native, native_usable, reap, spawn_posix
 
@@ -286,7 +286,7 @@ class Runner:
         except (OSError, ValueError) as err:   # ValueError: a NUL or a "=" where none may be
             return self._launch_failed(err)
         self._live = True
-        return TaskStarted(self.run.task, self.run.attempt, self.run.node, self.start_time, self.pid)
+        return new_task_started(self.run.task, self.run.attempt, self.run.node, self.start_time, self.pid)
 
     def _launch(self) -> tuple[int, int]:
         """Launch the attempt: the pid of a child of this process, and its pidfd."""
@@ -391,5 +391,5 @@ class Runner:
 
     def _finished(self, failure: Failure, code, sig, cpu_s: float) -> TaskFinished:
         r = self.run
-        return TaskFinished(r.task, r.attempt, r.node, failure, code, sig, self.start_time,
-                            self.clock(), round(self.peak_rss_mb, 1), round(cpu_s, 6), r.log)
+        return new_task_finished(r.task, r.attempt, r.node, failure, code, sig, self.start_time,
+                                 self.clock(), round(self.peak_rss_mb, 1), round(cpu_s, 6), r.log)
