@@ -110,6 +110,33 @@ def send_wakes_a_sleeping_receiver(t) -> None:
         assert t.poll(30.0) == (0, Shutdown(0))
 
 
+def an_unrung_send_waits_for_a_probe(t) -> None:
+    """MPI only: a batch flushed with ``ring=False`` does not end the receiver's nap (a paced
+    rank 0's wait), and its probe finds it; a rung one ends the nap at once."""
+    if t.rank == 0:
+        t.send(1, Schedule(0.0))
+        t.flush()
+        assert not t.nap(2.0), "a batch sent without a ring woke the receiver"
+        assert t.poll(10.0) == (1, TaskStarted(1, 1, 1, 0.0))
+        t.send(1, Schedule(1.0))
+        t.flush()
+        began = time.monotonic()
+        assert t.nap(30.0) and time.monotonic() - began < 10.0, "a rung batch did not end the nap"
+        assert t.poll(10.0) == (1, TaskStarted(1, 2, 1, 0.0))
+        for r in range(1, t.size):
+            t.send(r, Shutdown(0))
+    elif t.rank == 1:
+        assert t.poll(30.0) == (0, Schedule(0.0))
+        t.send(0, TaskStarted(1, 1, 1, 0.0))
+        t.flush(ring=False)
+        assert t.poll(30.0) == (0, Schedule(1.0))
+        t.send(0, TaskStarted(1, 2, 1, 0.0))
+        t.flush()
+        assert t.poll(30.0) == (0, Shutdown(0))
+    else:
+        assert t.poll(30.0) == (0, Shutdown(0))
+
+
 def _boom() -> None:
     raise RuntimeError("boom on purpose")
 
@@ -122,7 +149,8 @@ def abort_ends_every_rank(t) -> None:
 
 
 SCENARIOS = {f.__name__: f for f in (ping_pong, fan_in_keeps_order, idle_poll_times_out_without_spinning,
-                                      abort_ends_every_rank, send_wakes_a_sleeping_receiver)}
+                                      abort_ends_every_rank, send_wakes_a_sleeping_receiver,
+                                      an_unrung_send_waits_for_a_probe)}
 
 # ---- the two ways of running a scenario -------------------------------------------------
 
@@ -227,6 +255,9 @@ class TestMPITransport(TransportContract):
 
     def test_send_wakes_a_receiver_sleeping_on_its_doorbell(self):
         self.expect_ok("send_wakes_a_sleeping_receiver")
+
+    def test_a_send_without_a_ring_leaves_a_napping_receiver_asleep_until_it_probes(self):
+        self.expect_ok("an_unrung_send_waits_for_a_probe")
 
 
 def test_backoff_spins_then_sleeps_up_to_the_cap():
