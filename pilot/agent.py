@@ -17,9 +17,10 @@ the engine takes a launched task straight to its end), so a short task costs one
 one engine event. Each loop iteration's messages leave as one batch, and reports of attempts
 whose slot went straight to a task queued behind them may wait up to ``REPORT_HOLD_S`` to leave
 with later ones (:class:`ReportHold`): rank 0 takes its messages every ``PACE_S`` anyway, so
-one message for several ends spares both sides a send and a receive per task. Besides, every quarter of
-``pilot run --agent-timeout`` an agent sends ``Alive``: rank 0 takes an agent rank it hears
-nothing from for that long for hung (see :meth:`pilot.master.Master._check_liveness`).
+one message for several ends spares both sides a send and a receive per task. A busy agent
+probes MPI only when its doorbell rang, or now and then (:class:`Prober`). Besides, every
+quarter of ``pilot run --agent-timeout`` an agent sends ``Alive``: rank 0 takes an agent rank
+it hears nothing from for that long for hung (see :meth:`pilot.master.Master._check_liveness`).
 """
 
 from __future__ import annotations
