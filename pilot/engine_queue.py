@@ -64,13 +64,6 @@ class QueueAhead:
         if estimate <= self.horizon and depth < self.max_depth:
             self.tails[task] = None
 
-    def depth(self, task: int) -> int:
-        """How many queued tasks ``task`` waits behind (0: it holds its resources)."""
-        n, after = 0, self.after_of
-        while task in after:
-            task, n = after[task], n + 1
-        return n
-
     def root(self, task: int) -> int:
         """The task holding the resources that ``task`` will get (``task`` itself if placed)."""
         after = self.after_of
@@ -150,7 +143,8 @@ def queue_ahead(engine, now: float) -> list:
     if not qa.tails or not engine.policy.queued():
         return launches
     # When each chain is expected to free its slot: walked once here, then extended as the
-    # rounds link tasks (a round re-walking every chain cost rank 0 more than the rest of it).
+    # rounds link tasks (with chains up to 32 deep, a walk per round would repeat a chain's
+    # whole length once per task queued behind it).
     free_at = {x: _chain_free_at(engine, x, now) for x in qa.tails}
     for _ in range(qa.max_depth):
         if not qa.tails or not engine.policy.queued():
