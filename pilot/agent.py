@@ -82,8 +82,8 @@ class Agent:
         self.starts: dict[tuple[int, int], TaskStarted] = {}   # (task, attempt): sent when due or not at all
         self.waiting: dict[int, list[RunTask]] = {}   # task -> RunTasks queued to start when it ends
         self.unreported: set[int] = set()   # tasks running, queued or ended but not yet reported
-        # A message was sent that rank 0 should see at once: a report that left a slot idle (no
-        # task queued behind it here), or anything once the run stops (see ReportHold).
+        # A report left a slot idle (no task queued behind it here): rank 0 should see it at once
+        # (see ReportHold and report_now).
         self.urgent = False
         self._starts_due = 0.0
         self._next_sample = 0.0
@@ -95,6 +95,12 @@ class Agent:
         self._timed: set[tuple[int, int]] = set()
         self._wake_fds: set[int] = set()
         self.rung = False   # a wake fd was readable when the attempts' epoll was last polled
+
+    @property
+    def report_now(self) -> bool:
+        """Whether what this agent has sent must reach rank 0 at once, rung: a report left a
+        slot idle, or the run is stopping."""
+        return self.urgent or self.stop_seen or self.stopped
 
     @property
     def busy(self) -> bool:
@@ -225,8 +231,8 @@ class Agent:
         self.send(result)
         self.unreported.discard(result.task)
         behind = self.waiting.pop(result.task, ())
-        if not behind or self.stop_seen or self.stopped:
-            self.urgent = True   # its slot is free for rank 0 to fill, or the run is stopping
+        if not behind:
+            self.urgent = True   # its slot is free for rank 0 to fill
         for run in behind:
             self._begin(run)
 
@@ -316,8 +322,8 @@ class Prober:
 
 
 class ReportHold:
-    """Messages to rank 0 leave together: at once when one is urgent (:attr:`Agent.urgent`),
-    else ``hold`` seconds after the first of them at the latest."""
+    """Messages to rank 0 leave together: at once when the agent must report now
+    (:attr:`Agent.report_now`), else ``hold`` seconds after the first of them at the latest."""
 
     def __init__(self, transport: Transport, agent_of, hold: float = REPORT_HOLD_S):
         self.transport = transport
@@ -334,8 +340,7 @@ class ReportHold:
         """Seconds until the held messages must leave (0: now), or None if none are held."""
         if self.since is None:
             return None
-        agent = self.agent_of()
-        if agent.urgent or agent.stop_seen:
+        if self.agent_of().report_now:
             return 0.0
         return max(0.0, self.since + self.hold - time.monotonic())
 
@@ -347,7 +352,7 @@ class ReportHold:
         """Send what is held; rank 0's doorbell rings only for urgent messages: it finds the
         others at its next paced turn, and a ring would cut its pace short."""
         agent = self.agent_of()
-        self.transport.flush(ring=agent.urgent or agent.stop_seen or agent.stopped)
+        self.transport.flush(ring=agent.report_now)
         self.since = None
         agent.urgent = False
 

@@ -111,14 +111,20 @@ class Node:
 # ---- fast construction ----------------------------------------------------------------
 
 
+def plain(cls) -> bool:
+    """Whether the dataclass ``cls``'s ``__init__`` only stores its arguments (no
+    ``__post_init__``, no slots): :func:`maker` can build it."""
+    return not hasattr(cls, "__post_init__") and not hasattr(cls, "__slots__")
+
+
 def maker(cls):
     """A constructor of the frozen dataclass ``cls`` taking *every* field, positionally and in
     order, that stores them as its ``__init__`` would, without an ``object.__setattr__`` per
     field: a third of the cost, for the messages made once per task (a run makes millions).
-    Only for classes without ``__post_init__`` or slots."""
+    Only for classes :func:`plain`."""
     from dataclasses import fields
 
-    assert not hasattr(cls, "__post_init__") and not hasattr(cls, "__slots__"), cls
+    assert plain(cls), cls
     names, new = tuple(f.name for f in fields(cls)), object.__new__
 
     def make(*values):

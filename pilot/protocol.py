@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, fields
 
 from pilot import events
-from pilot.events import Drain, Failure, Launch, Node, NodeLost, Schedule, TaskFinished, TaskStarted, maker
+from pilot.events import Drain, Failure, Launch, Node, NodeLost, Schedule, TaskFinished, TaskStarted, maker, plain
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,5 @@ def from_wire(wire) -> object:
     return make(*values) if make is not None else cls(*values)
 
 
-# Messages whose __init__ only stores its arguments (no __post_init__, no slots)
-_MAKERS = {cls: maker(cls) for cls in MESSAGE_TYPES
-           if not hasattr(cls, "__post_init__") and not hasattr(cls, "__slots__")}
+_MAKERS = {cls: maker(cls) for cls in MESSAGE_TYPES if plain(cls)}
 new_run_task = _MAKERS[RunTask]

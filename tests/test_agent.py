@@ -204,14 +204,10 @@ def test_a_report_is_urgent_only_when_no_queued_task_takes_its_slot(tmp_path):
     assert agent.urgent   # nothing followed task 2: rank 0 has a slot to fill
 
 
-def _hold_agent(**state):
-    return SimpleNamespace(urgent=False, stop_seen=False, stopped=False, **state)
-
-
 def test_held_reports_leave_together_when_the_hold_ends_or_one_is_urgent():
     hub = LocalHub(2)
     master, agent_end = hub.endpoint(0), hub.endpoint(1)
-    agent = _hold_agent()
+    agent = Agent(lambda message: None, WatchConfig())
     hold = ReportHold(agent_end, lambda: agent, hold=3600.0)
     hold.send(Alive(1))
     hold.send(Alive(1))
