@@ -79,7 +79,7 @@ class Agent:
         self.started = 0            # attempts launched (for the last log line)
         self.exit_code = 0          # the run's, as the master's Shutdown gives it
         self.held: list[tuple[float, TaskFinished]] = []
-        self.starts: dict[tuple[int, int], TaskStarted] = {}   # (task, attempt): sent when due or not at all
+        self.starts: dict[tuple[int, int], Runner] = {}   # (task, attempt): start sent when due or not at all
         self.waiting: dict[int, list[RunTask]] = {}   # task -> RunTasks queued to start when it ends
         self.unreported: set[int] = set()   # tasks running, queued or ended but not yet reported
         # A report left a slot idle (no task queued behind it here): rank 0 should see it at once
@@ -154,9 +154,9 @@ class Agent:
     def _start(self, run: RunTask) -> None:
         self.unreported.add(run.task)
         runner = Runner(run, self.watch)
-        result = runner.start()
-        if isinstance(result, TaskFinished):
-            self._send_result(result)
+        failed = runner.launch()
+        if failed is not None:
+            self._send_result(failed)
             return
         key = (run.task, run.attempt)
         self.started += 1
@@ -167,13 +167,13 @@ class Agent:
             self._timed.add(key)
         if not self.starts:
             self._starts_due = time.monotonic() + self.started_delay
-        self.starts[key] = result
+        self.starts[key] = runner
 
     def _send_starts(self) -> None:
         if self.starts:
             starts, self.starts = self.starts, {}
-            for started in starts.values():
-                self.send(started)
+            for runner in starts.values():
+                self.send(runner.started())
 
     def kill(self, task: int, attempt: int, failure: Failure, hard: bool = False) -> None:
         """Kill one attempt, or every running attempt when ``task == ALL_TASKS``."""

@@ -278,6 +278,13 @@ class Runner:
 
     def start(self) -> TaskStarted | TaskFinished:
         """Launch the process; a launch error comes back at once as ``Failure.LAUNCH``."""
+        failed = self.launch()
+        return self.started() if failed is None else failed
+
+    def launch(self) -> TaskFinished | None:
+        """:meth:`start` without the ``TaskStarted`` (:meth:`started` makes it): None once
+        launched. An agent sends no start for an attempt that ends within a moment, so it makes
+        none unless it sends it."""
         self.start_time = self.clock()
         self.started_mono = time.monotonic()
         self._oom_before = nodes.recent_oom_kill_count(OOM_READ_MAX_AGE)
@@ -286,6 +293,10 @@ class Runner:
         except (OSError, ValueError) as err:   # ValueError: a NUL or a "=" where none may be
             return self._launch_failed(err)
         self._live = True
+        return None
+
+    def started(self) -> TaskStarted:
+        """The message saying the attempt started (after :meth:`launch`)."""
         return new_task_started(self.run.task, self.run.attempt, self.run.node, self.start_time, self.pid)
 
     def _launch(self) -> tuple[int, int]:
@@ -369,6 +380,8 @@ class Runner:
         status, cpu_s = reap(self.pid, self.pidfd)   # leftovers of the group are killed first
         self._live = False
         self.pidfd = -1
+        if status == 0 and self.reason is None:   # most attempts: no classifying needed
+            return self._finished(Failure.NONE, 0, None, cpu_s)
         return self._classify(status, cpu_s)
 
     def _classify(self, status: int, cpu_s: float) -> TaskFinished:
@@ -391,5 +404,6 @@ class Runner:
 
     def _finished(self, failure: Failure, code, sig, cpu_s: float) -> TaskFinished:
         r = self.run
+        peak = round(self.peak_rss_mb, 1) if self.peak_rss_mb else 0.0   # round() costs a float formatting
         return new_task_finished(r.task, r.attempt, r.node, failure, code, sig, self.start_time,
-                                 self.clock(), round(self.peak_rss_mb, 1), round(cpu_s, 6), r.log)
+                                 self.clock(), peak, cpu_s, r.log)

@@ -64,7 +64,7 @@ def reap(pid: int, pidfd: int) -> tuple[int, float]:
     """For a child whose main process has ended (``pidfd`` readable): kill what is left of its
     process group (while the leader is a zombie its pid, the group's id, cannot have been
     reused), wait for it and close ``pidfd``. Its wait status and CPU seconds (user + system,
-    the descendants it waited for included)."""
+    the descendants it waited for included; to the microsecond)."""
     if native_usable():
         return _launch.reap(pid, pidfd)
     try:
@@ -73,7 +73,7 @@ def reap(pid: int, pidfd: int) -> tuple[int, float]:
         pass
     _, status, usage = os.wait4(pid, 0)
     os.close(pidfd)
-    return status, usage.ru_utime + usage.ru_stime
+    return status, round(usage.ru_utime + usage.ru_stime, 6)
 
 
 def _path_of(env) -> bytes | None:

@@ -91,7 +91,7 @@ def test_success_records_usage_and_log(tmp_path, payload, launch_path):
     _, result = attempt(tmp_path, [payload, "--mem", "60", "--cpu", "0.2", "--record", str(record)])
     assert result.failure == Failure.NONE and result.exit_code == 0 and result.signal is None
     assert 55 <= result.peak_rss_mb < 200
-    assert result.cpu_s >= 0.15
+    assert result.cpu_s >= 0.15 and result.cpu_s == round(result.cpu_s, 6)   # to the microsecond, as wait4 gives it
     assert result.end - result.start >= 0.2
     assert result.log.endswith(os.path.join("01", "t_1234.1.log")) and os.path.exists(result.log)
     task, node, attempt_no = record.read_text().split()[:3]
