@@ -34,7 +34,7 @@ import signal
 import time
 
 from pilot.errors import EXIT_USAGE
-from pilot.events import Failure, TaskFinished, TaskStarted
+from pilot.events import Failure, TaskFinished
 from pilot.nodes import NodeInfo
 from pilot.protocol import ALL_TASKS, Alive, Hello, Interrupted, Kill, Recall, RunTask, Shutdown
 from pilot.runner import ProcessTable, Runner, WatchConfig
