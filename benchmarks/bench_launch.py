@@ -14,18 +14,23 @@ pilot's task logs:
 - ``native``: a bare loop of the launch the runner uses (``pilot._launch``: the log opened, vfork
   and exec in one C call);
 - ``runner``: :class:`pilot.runner.Runner` (what an agent does per attempt: environment, log,
-  launch, pidfd, reaping, group kill of leftovers, result), woken by the pidfds as the agent is.
+  launch, pidfd, reaping, group kill of leftovers, result), woken by the pidfds as the agent is;
+- ``agent``: :class:`pilot.agent.Agent` given every attempt at once, queued ahead in
+  ``concurrency`` chains as rank 0 queues them (each starts as the one before it ends), its
+  results encoded for the wire as the transport does (``to_wire``, pickled 8 a batch): the
+  runner plus the agent's bookkeeping, without MPI or rank 0.
 
 Printed per loop (median over rounds): launches/s, the parent's own CPU in microseconds per
 launch (the launcher's overhead: Python, syscalls; the child's exec is not in it) and the
 children's CPU per launch (Popen's parent opens the log, the spawned children open their own).
-The ratio runner/native is what the runner adds to the floor.
+The ratios runner/native and agent/native are what each adds to the floor.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import resource
 import select
 import shutil
@@ -40,7 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import bare_launch  # noqa: E402  (beside this script)
-from pilot.protocol import RunTask  # noqa: E402
+from pilot.agent import Agent  # noqa: E402
+from pilot.protocol import RunTask, to_wire  # noqa: E402
 from pilot.runner import Runner, WatchConfig, log_path  # noqa: E402
 
 LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND
@@ -105,6 +111,26 @@ def runner_loop(n: int, concurrency: int, logdir: Path) -> None:
             running.pop(fd).poll(exited=True)   # a readable pidfd: it has ended
 
 
+def agent_loop(n: int, concurrency: int, logdir: Path) -> None:
+    """The agent's pattern without MPI: every attempt handed over at once, in ``concurrency``
+    queue-ahead chains; results encoded as the transport would send them."""
+    batch: list[tuple] = []
+
+    def send(message) -> None:
+        batch.append(to_wire(message))
+        if len(batch) == 8:
+            pickle.dumps(batch, pickle.HIGHEST_PROTOCOL)
+            batch.clear()
+
+    agent = Agent(send)
+    for i in range(n):
+        agent.handle(RunTask(i, 1, 0, f"t{i}", "null", "n0", ["true"], None, log_path(logdir, i, f"t{i}", 1),
+                             0.0, 1, 1, i - concurrency if i >= concurrency else -1))
+    while agent.busy or agent.waiting:
+        if not agent.step():
+            agent.wait(5.0)
+
+
 def bare_launcher(how):
     """A launcher of `true` through ``how`` (a function of bare_launch.py)."""
     def make(logdir: Path):
@@ -128,6 +154,8 @@ def measure(name: str, n: int, concurrency: int, logdir: Path) -> tuple[float, f
     began = time.perf_counter()
     if name == "runner":
         runner_loop(n, concurrency, logdir)
+    elif name == "agent":
+        agent_loop(n, concurrency, logdir)
     else:
         launcher = {"popen": popen_launcher, "posix_spawn": spawn_launcher, "fork_exec": bare_launcher(bare_launch.fork_exec),
                     "native": bare_launcher(bare_launch.native)}[name](logdir)
@@ -165,7 +193,7 @@ def main() -> None:
     args = parse_args()
     for k in range(len(os.environ), args.env_size):
         os.environ[f"BENCH_PAD_{k}"] = f"/some/typical/value/{k}"
-    names = ("popen", "posix_spawn", "fork_exec", "native", "runner")
+    names = ("popen", "posix_spawn", "fork_exec", "native", "runner", "agent")
     med = run_rounds(args, names)
     print(f"`true` x {args.launches}, concurrency {args.concurrency}, median of {args.rounds} rounds, "
           f"{len(os.environ)} environment variables, logs in {args.dir or tempfile.gettempdir()}, "
@@ -174,8 +202,9 @@ def main() -> None:
         rate, own, kids = med[name]
         print(f"{name:12s} {rate:7.0f} launches/s   own CPU {own:6.1f} us/launch   "
               f"children {kids:6.1f} us/launch")
-    runner, floor, popen = med["runner"], med["native"], med["popen"]
+    runner, agent, floor, popen = med["runner"], med["agent"], med["native"], med["popen"]
     print(f"runner / native: rate {runner[0] / floor[0]:.2f}, own CPU {runner[1] / floor[1]:.2f}; "
+          f"agent / native: rate {agent[0] / floor[0]:.2f}, own CPU {agent[1] / floor[1]:.2f}; "
           f"runner / popen: rate {runner[0] / popen[0]:.2f}, own CPU {runner[1] / popen[1]:.2f}")
 
 
