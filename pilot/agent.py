@@ -11,8 +11,8 @@ the attempt of task ``after`` ends, and starts as that end is reported, in its c
 if the run is stopping by then it is not started and is reported interrupted. Either way its
 fate follows the report of the task it waited for, in the same order the master reads them.
 
-Messages to the master are few: a ``TaskStarted`` is held for ``STARTED_DELAY_S`` before it
-is sent, and dropped if the attempt ends first (its ``TaskFinished`` carries the start time;
+Messages to the master are few: a ``TaskStarted`` is sent ``STARTED_DELAY_S`` after the start,
+and never made if the attempt ends first (its ``TaskFinished`` carries the start time;
 the engine takes a launched task straight to its end), so a short task costs one message and
 one engine event. Each loop iteration's messages leave as one batch, and reports of attempts
 whose slot went straight to a task queued behind them may wait up to ``REPORT_HOLD_S`` to leave
