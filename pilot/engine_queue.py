@@ -30,6 +30,8 @@ The contract that keeps a node from being over-committed:
 
 from __future__ import annotations
 
+from pilot.events import State, new_launch
+
 DEPTH = 32   # queued tasks behind one running task, at most (the default)
 
 
@@ -172,8 +174,6 @@ def _chain_free_at(engine, x: int, now: float) -> float:
 
 
 def _queue_round(engine, now: float, free_at: dict[int, float]) -> list:
-    from pilot.events import State, new_launch
-
     qa, c = engine.queue, engine.cluster
     est, labels = c.label_estimate, engine._labels
     limit = now + qa.horizon
