@@ -263,7 +263,7 @@ class Agent:
                 ended.append(key)
             elif fd in self._wake_fds:
                 self.rung = True
-        return list(dict.fromkeys(ended)) if len(ended) > 1 else ended
+        return ended   # one pidfd per attempt, and epoll reports a ready fd once a call
 
     def _sample(self) -> None:
         # An attempt is first sampled one interval after it starts: short tasks cost no scan.
