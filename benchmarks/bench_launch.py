@@ -93,6 +93,12 @@ def spawn_launcher(logdir: Path):
     return launch
 
 
+def null_run(i: int, logdir: Path, after: int = -1) -> RunTask:
+    """Attempt 1 of task ``i``, `true`, its log laid out as the pilot's."""
+    return RunTask(i, 1, 0, f"t{i}", "null", "n0", ["true"], None, log_path(logdir, i, f"t{i}", 1),
+                   0.0, 1, 1, after)
+
+
 def runner_loop(n: int, concurrency: int, logdir: Path) -> None:
     """The agent's pattern: start runners, wait on their pidfds, poll the readable ones."""
     watch = WatchConfig()
@@ -100,9 +106,7 @@ def runner_loop(n: int, concurrency: int, logdir: Path) -> None:
     started = 0
     while started < n or running:
         while started < n and len(running) < concurrency:
-            run = RunTask(started, 1, 0, f"t{started}", "null", "n0", ["true"], None,
-                          log_path(logdir, started, f"t{started}", 1), 0.0, 1, 1)
-            runner = Runner(run, watch)
+            runner = Runner(null_run(started, logdir), watch)
             runner.start()
             running[runner.pidfd] = runner
             started += 1
@@ -124,8 +128,7 @@ def agent_loop(n: int, concurrency: int, logdir: Path) -> None:
 
     agent = Agent(send)
     for i in range(n):
-        agent.handle(RunTask(i, 1, 0, f"t{i}", "null", "n0", ["true"], None, log_path(logdir, i, f"t{i}", 1),
-                             0.0, 1, 1, i - concurrency if i >= concurrency else -1))
+        agent.handle(null_run(i, logdir, i - concurrency if i >= concurrency else -1))
     while agent.busy or agent.waiting:
         if not agent.step():
             agent.wait(5.0)
