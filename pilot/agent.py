@@ -31,13 +31,15 @@ import logging
 import os
 import select
 import signal
+import sys
 import time
 
+from pilot import leftovers
 from pilot.errors import EXIT_USAGE
 from pilot.events import Failure, TaskFinished
 from pilot.nodes import NodeInfo
-from pilot.protocol import ALL_TASKS, Alive, Hello, Interrupted, Kill, Recall, RunTask, Shutdown
-from pilot.runner import ProcessTable, Runner, WatchConfig
+from pilot.protocol import ALL_TASKS, Alive, Begin, Hello, Interrupted, Kill, Recall, RunTask, Shutdown
+from pilot.runner import ProcessTable, Runner, WatchConfig, set_run_tag
 from pilot.transport import Transport
 
 log = logging.getLogger("pilot.agent")
@@ -78,6 +80,7 @@ class Agent:
         self.stop_seen = False      # a stop signal reached this rank, or the master drains
         self.started = 0            # attempts launched (for the last log line)
         self.exit_code = 0          # the run's, as the master's Shutdown gives it
+        self.tag: str | None = None   # what the attempts carry as PILOT_RUN (the master's Begin)
         self.held: list[tuple[float, TaskFinished]] = []
         self.starts: dict[tuple[int, int], Runner] = {}   # (task, attempt): start sent when due or not at all
         self.waiting: dict[int, list[RunTask]] = {}   # task -> RunTasks queued to start when it ends
@@ -125,8 +128,25 @@ class Agent:
             self.kill(ALL_TASKS, 0, Failure.INTERRUPTED, hard=True)
             self.stopped = True
             self.exit_code = message.code
+        elif isinstance(message, Begin):
+            self.begin(message.tag)
         else:
             log.warning("agent ignores %r", message)
+
+    def begin(self, tag: str) -> None:
+        """Kill what an earlier start of the run left on this host, then tag every attempt."""
+        leftovers.sweep(tag, others=True)
+        set_run_tag(tag)
+        self.tag = tag
+
+    def end(self) -> None:
+        """At the end of the run: kill what this start's tasks left in sessions of their own on
+        this host (this agent's LSST warm servers end first)."""
+        if self.tag is not None:
+            warm = sys.modules.get("pilot.lsst.warm")
+            if warm is not None:
+                warm.close_servers()
+            leftovers.sweep(self.tag, others=False)
 
     def _recall(self, task: int, attempt: int) -> None:
         """Give a queued task back unstarted (the master runs it elsewhere); what waited behind
@@ -441,3 +461,4 @@ def _finish(agent: Agent, grace: float = 5.0) -> None:
     while agent.busy and time.monotonic() < deadline:
         if not agent.step():
             agent.wait(0.01)
+    agent.end()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pilot import leftovers
 from pilot.checkpoint_schema import (FINISHED, LOST, RESET, RESTART, STARTED, TRANSITION, UNCHANGED,
                                      Static, TaskTable, history_mask, read_snapshot, write_snapshot)
 from pilot.errors import UserError
@@ -201,6 +202,12 @@ class Checkpoint:
         self._engine = None
         self._thread = threading.Thread(target=self._flusher, name="pilot-checkpoint", daemon=True)
         self._thread.start()
+
+    @property
+    def run_name(self) -> str:
+        """The run's name in its tasks' ``PILOT_RUN`` tag: the same for every start of this
+        checkpoint (see :mod:`pilot.leftovers`)."""
+        return leftovers.run_name(self._static.graph_hash, self._created, self.path)
 
     def attach(self, engine) -> None:
         """Read attempts, memory requests and nodes from ``engine`` for every row (without

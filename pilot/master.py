@@ -25,11 +25,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pilot import leftovers
 from pilot.agent import Agent, Signals
 from pilot.errors import EXIT_INTERRUPTED, EXIT_USAGE
 from pilot.events import Drain, Failure, Node, Schedule, State, TaskFinished, TaskStarted
 from pilot.graph import Graph
-from pilot.protocol import ALL_TASKS, Alive, Hello, Interrupted, Kill, Recall, RunTask, Shutdown, new_run_task
+from pilot.protocol import ALL_TASKS, Alive, Begin, Hello, Interrupted, Kill, Recall, RunTask, Shutdown, new_run_task
 from pilot.runner import WatchConfig, log_path
 from pilot.transport import Backoff, Transport, flush_output
 
@@ -367,9 +368,12 @@ def master_main(transport: Transport, config: RunConfig, info, signals: Signals 
         master = Master(transport, graph, engine, nodes, node_ranks, options,
                         local_watch=config.watch if transport.size == 1 else None,
                         checkpoint=checkpoint, signals=signals)
+        _begin(transport, master, leftovers.new_tag(checkpoint.run_name))
         gc.freeze()   # the loaded graph (millions of objects) stays out of every collection
         code = master.run()
     finally:
+        if master is not None and master.local is not None:
+            master.local.end()
         if master is not None and master.unresponsive:
             checkpoint.close()
             _leave_without_agents(transport, code)
@@ -378,6 +382,18 @@ def master_main(transport: Transport, config: RunConfig, info, signals: Signals 
     from pilot.lsst.qgraph import finish_run
 
     return finish_run(graph, code, config.logdir)
+
+
+def _begin(transport: Transport, master: Master, tag: str) -> None:
+    """Before any task starts: every agent, and rank 0, kill what an earlier start of the run
+    left on their host; attempts carry ``tag`` from now on (see :mod:`pilot.leftovers`). Only
+    now, with the checkpoint's lock held, is no other start of the run alive."""
+    for rank in range(1, transport.size):
+        transport.send(rank, Begin(tag))
+    if master.local is not None:
+        master.local.begin(tag)
+    else:
+        leftovers.sweep(tag, others=True)
 
 
 def _prepare(transport: Transport, config: RunConfig, info):

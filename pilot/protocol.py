@@ -5,8 +5,8 @@ below. On the wire a message is a plain tuple of builtins, ``(type code, field v
 with enums as ints: :func:`to_wire` and :func:`from_wire` convert both ways.
 
 Directions: agents send :class:`Hello`, ``TaskStarted``, ``TaskFinished`` and
-:class:`Interrupted`; the master sends :class:`RunTask`, :class:`Kill`, :class:`Recall` and
-:class:`Shutdown`.
+:class:`Interrupted`; the master sends :class:`Begin` (once), :class:`RunTask`, :class:`Kill`,
+:class:`Recall` and :class:`Shutdown`.
 """
 
 from __future__ import annotations
@@ -87,6 +87,14 @@ class Interrupted:
 
 
 @dataclass(frozen=True)
+class Begin:
+    """Sent to every agent once rank 0 holds the checkpoint, before any ``RunTask``: the tag its
+    attempts carry (``PILOT_RUN``, see :mod:`pilot.leftovers`)."""
+
+    tag: str
+
+
+@dataclass(frozen=True)
 class Alive:
     """An agent is alive (sent every few seconds): rank 0 declares a silent agent hung."""
 
@@ -94,7 +102,7 @@ class Alive:
 
 
 MESSAGE_TYPES = (Hello, RunTask, Kill, Shutdown, Interrupted,
-                 Schedule, TaskStarted, TaskFinished, NodeLost, Drain, Launch, Node, Recall, Alive)
+                 Schedule, TaskStarted, TaskFinished, NodeLost, Drain, Launch, Node, Recall, Alive, Begin)
 _CODE = {cls: code for code, cls in enumerate(MESSAGE_TYPES)}
 
 

@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from pilot import nodes
+from pilot import leftovers, nodes
 from pilot.events import Failure, TaskFinished, TaskStarted, new_task_finished, new_task_started
 from pilot.protocol import RunTask
 from pilot.spawn import launch_native, native_usable, reap, spawn_posix
@@ -147,10 +147,29 @@ def _stat_row(path: str) -> tuple[int, int, int] | None:
 # ---- environment and logs -----------------------------------------------------------
 
 
+_run_tag: list[str] = []   # the run's PILOT_RUN (see pilot.leftovers), once the master gave it
+
+
+def set_run_tag(tag: str | None) -> None:
+    """Every attempt launched from now on carries ``PILOT_RUN=tag`` (see :mod:`pilot.leftovers`;
+    None: no tag)."""
+    _run_tag[:] = [tag] if tag else []
+    for cached in (_agent_env, _agent_envb, _shape_entries, _shape_envb):
+        cached.cache_clear()
+
+
+def run_tag_env() -> dict[str, str]:
+    """``{"PILOT_RUN": tag}`` once the run's tag is set, else {}."""
+    return {leftovers.ENV: _run_tag[0]} if _run_tag else {}
+
+
 @functools.lru_cache(maxsize=1)
 def _agent_env() -> dict[str, str]:
     # Cached once per process; callers copy it.
-    return {k: v for k, v in os.environ.items() if not k.startswith(MPI_ENV_PREFIXES)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(MPI_ENV_PREFIXES)}
+    if _run_tag:
+        env[leftovers.ENV] = _run_tag[0]
+    return env
 
 
 FS_ENCODING, FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()   # as os.fsencode

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -147,8 +148,9 @@ def _parent(pid: int) -> int:
 def test_a_killed_agent_takes_the_processes_it_launched_with_it(tmp_path):
     """kill -9 of the agent rank: every process it launched dies with it (a parent-death signal
     set by the native launch), the shell of a string command included. What those processes
-    started themselves (l3's child, the payload l4's shell runs) is not covered: it is killed
-    here, by pid."""
+    started themselves (l3's child, the payload l4's shell runs) is not covered: a restart of the
+    run kills it (test_a_restart_kills_what_tasks_of_a_killed_run_left_running); here the test
+    kills it, by pid."""
     from pilot.runner import _children
 
     wf, _ = workflow("long", tmp_path)
@@ -271,3 +273,77 @@ def test_usage_errors_print_one_line_from_all_ranks(tmp_path, args):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pilot: error:"), proc.stderr
     assert not (tmp_path / "ckpt.h5").exists()
+
+
+def _orphan_workflow(tmp_path: Path) -> Path:
+    """One task: on its first run, a shell that starts ``sleep 600`` in the background (its pid
+    in ``orphan``) and waits; once ``started`` exists, it exits 0 at once."""
+    wf = tmp_path / "orphan.yaml"
+    script = (f"[ -e {tmp_path}/started ] && exit 0; sleep 600 & echo $! > {tmp_path}/orphan.tmp; "
+              f"mv {tmp_path}/orphan.tmp {tmp_path}/orphan; touch {tmp_path}/started; wait")
+    wf.write_text(f"requestMemory: 100\ntasks:\n  - id: spawner\n    command: '{script}'\n")
+    return wf
+
+
+def _mpiexec_proxy_and_ranks(mpiexec: int) -> list[int]:
+    """mpiexec, its hydra proxies (its children) and their children, the ranks."""
+    from pilot.runner import _children
+
+    proxies = _children("/proc", mpiexec)
+    return [mpiexec, *proxies, *(rank for proxy in proxies for rank in _children("/proc", proxy))]
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_restart_kills_what_tasks_of_a_killed_run_left_running(tmp_path, ranks):
+    """kill -9 of every pilot process (mpiexec and the ranks): the task's shell dies with its agent
+    (parent-death signal), its background ``sleep`` outlives it (nothing ends it outside a Slurm
+    step). The restart finds it by its PILOT_RUN tag and kills it before starting the task again."""
+    wf = _orphan_workflow(tmp_path)
+    orphan = 0
+    before = shm_segments()
+    proc = subprocess.Popen(pilot_cmd(ranks, wf, tmp_path, *NODE), cwd=ROOT, env=mpi_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        orphan = int(wait_for(lambda: (tmp_path / "orphan").exists() and (tmp_path / "orphan").read_text(),
+                              30, what="the task's background sleep"))
+        with open(f"/proc/{orphan}/environ", "rb") as f:
+            assert b"\0PILOT_RUN=" in b"\0" + f.read()
+        shell = _parent(orphan)
+        for pid in _mpiexec_proxy_and_ranks(proc.pid):   # hydra puts each in a session of its own
+            os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        wait_for(lambda: pid_gone(shell), 10, what="the task's shell gone")
+        assert not pid_gone(orphan), "the background sleep should outlive the killed run"
+
+        again = run_pilot(ranks, wf, tmp_path, *NODE)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert pid_gone(orphan)
+        assert f"killed 1 processes an earlier start of this run left on {socket.gethostname()} (pids {orphan})" \
+            in again.stderr, again.stderr[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if orphan and not pid_gone(orphan):
+            os.kill(orphan, signal.SIGKILL)
+        cleanup_shm(before)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_the_end_of_a_run_kills_what_left_its_tasks_process_groups(tmp_path, ranks):
+    """A task that starts a daemon in a session of its own (out of reach of the end of its
+    process group) and exits 0: the run ends with the daemon killed."""
+    wf = tmp_path / "daemon.yaml"
+    daemon_file = tmp_path / "daemon"   # written by the daemon, once in its own session
+    inner = f'echo \\$\\$ > {daemon_file}.tmp; mv {daemon_file}.tmp {daemon_file}; exec sleep 600'
+    script = f'setsid sh -c "{inner}" & while [ ! -e {daemon_file} ]; do sleep 0.01; done'
+    wf.write_text(f"requestMemory: 100\ntasks:\n  - id: daemonizer\n    command: '{script}'\n")
+    proc = run_pilot(ranks, wf, tmp_path, *NODE)
+    daemon = int((tmp_path / "daemon").read_text())
+    try:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert pid_gone(daemon)
+        assert f"killed 1 processes this run's tasks left on {socket.gethostname()} (pids {daemon})" in proc.stderr
+    finally:
+        if not pid_gone(daemon):
+            os.kill(daemon, signal.SIGKILL)

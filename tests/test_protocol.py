@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pilot.events import Drain, Failure, Launch, Node, NodeLost, Schedule, TaskFinished, TaskStarted
-from pilot.protocol import (ALL_TASKS, MESSAGE_TYPES, Alive, Hello, Interrupted, Kill, Recall, RunTask, Shutdown,
+from pilot.protocol import (ALL_TASKS, MESSAGE_TYPES, Alive, Begin, Hello, Interrupted, Kill, Recall, RunTask, Shutdown,
                             from_wire, to_wire)
 
 SAMPLES = [
@@ -17,6 +17,7 @@ SAMPLES = [
             env=None, log="l", timeout=0.0, memory_mb=1, cpus=1, after=6),
     Recall(task=9, attempt=1),
     Alive(rank=2),
+    Begin(tag="3f9a1c2b7d4e.9c1f00aa"),
     Kill(task=ALL_TASKS, attempt=0, failure=Failure.INTERRUPTED),
     Kill(task=5, attempt=1, failure=Failure.TIMEOUT),
     Shutdown(code=3),

@@ -1,0 +1,136 @@
+"""Processes that an earlier start of a run left on a host, found by the tag its tasks carry.
+
+Every attempt's environment has ``PILOT_RUN=<run>.<incarnation>``: ``<run>`` names the
+checkpoint (the same on every restart of it), ``<incarnation>`` one start of ``pilot run``.
+A task's main process dies with its agent (a parent-death signal) and Slurm ends every process
+of a step, but what a task starts itself (a shell's children, a pipeline's workers, a daemon)
+outlives a dead agent outside a Slurm step, and would then run beside the restarted attempt:
+twice the work on the same outputs, and memory the scheduler does not count. So:
+
+- once rank 0 holds the checkpoint's lock (no other start of the run is alive), every rank
+  kills the processes on its host tagged with the same run and another incarnation;
+- at the end of a run every agent kills those of its own incarnation that lead a session of
+  their own: what a task started in a new session (a daemon) is out of reach of the end of the
+  task's process group. (Other processes of this start may still be about then, the LSST warm
+  servers of the host's agents among them: those are left alone.)
+
+A process is found by reading ``/proc/<pid>/environ`` (the environment it started with; only
+processes of the same user are readable, unless root). The ranks themselves and their ancestors
+are never touched, nor any process group but one a tagged process leads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+
+log = logging.getLogger("pilot.leftovers")
+ENV = "PILOT_RUN"
+KILL_DEADLINE_S = 5.0   # how long a sweep keeps killing what it finds (a task may fork meanwhile)
+
+
+def run_name(graph_hash: str, created: float, checkpoint: str) -> str:
+    """The ``<run>`` part of the tag: the same for every start of one checkpoint (its workflow's
+    hash, its creation time and its real path: a copy of it is another run)."""
+    key = f"{graph_hash}:{created!r}:{os.path.realpath(checkpoint)}"
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def new_tag(run: str) -> str:
+    """``<run>.<incarnation>`` for a new start of ``run``."""
+    return f"{run}.{secrets.token_hex(4)}"
+
+
+def tagged(tag: str, others: bool, proc: str = "/proc") -> list[int]:
+    """Pids of the processes on this host tagged with ``tag``'s run: of another incarnation
+    (``others``) or of ``tag``'s own. This process and its ancestors are left out."""
+    run, _, incarnation = tag.partition(".")
+    needle = f"{ENV}={run}.".encode()
+    spared = _self_and_ancestors(proc)
+    found = []
+    for name in os.listdir(proc):
+        if not name.isdigit() or int(name) in spared:
+            continue
+        value = _tag_of(f"{proc}/{name}/environ", needle)
+        if value is not None and (value != incarnation) == others:
+            found.append(int(name))
+    return found
+
+
+def _tag_of(path: str, needle: bytes) -> bytes | None:
+    """The incarnation in the process's ``PILOT_RUN`` if it names the run in ``needle``."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:   # gone, or another user's
+        return None
+    at = data.find(needle)
+    while at > 0 and data[at - 1] != 0:   # inside another variable's value
+        at = data.find(needle, at + 1)
+    if at < 0:
+        return None
+    end = data.find(b"\0", at)
+    return data[at + len(needle):end if end >= 0 else len(data)].decode(errors="replace")
+
+
+def _session_of(pid: int, proc: str) -> int:
+    try:
+        with open(f"{proc}/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[3])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _self_and_ancestors(proc: str) -> set[int]:
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            with open(f"{proc}/{pid}/stat", "rb") as f:
+                pid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+def kill_tagged(tag: str, others: bool, deadline_s: float = KILL_DEADLINE_S, proc: str = "/proc") -> list[int]:
+    """SIGKILL what :func:`tagged` finds (of ``tag``'s own start: only session leaders) until
+    nothing is found or the deadline passes; the pids killed. A found process that leads its
+    process group (a task, which starts in a session of its own) takes its group with it; a group
+    led by anything else is not touched (a warm server is in its agent's group)."""
+    killed: list[int] = []
+    end = time.monotonic() + deadline_s
+    while True:
+        found = tagged(tag, others, proc)
+        if not others:
+            found = [pid for pid in found if _session_of(pid, proc) == pid]
+        if not found or time.monotonic() >= end:
+            return killed
+        for pid in found:
+            _kill(pid)
+            if pid not in killed:
+                killed.append(pid)
+        time.sleep(0.01)   # let SIGKILL land before looking again (a dead process has no environ)
+
+
+def _kill(pid: int) -> None:
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def sweep(tag: str, others: bool) -> None:
+    """:func:`kill_tagged`, said in the log when it killed anything."""
+    killed = kill_tagged(tag, others)
+    if killed:
+        what = "an earlier start of this run" if others else "this run's tasks"
+        shown = " ".join(map(str, killed[:20])) + (" ..." if len(killed) > 20 else "")
+        log.warning("killed %d processes %s left on %s (pids %s)", len(killed), what, socket.gethostname(), shown)
