@@ -85,10 +85,14 @@ class WarmServer:
 
     def __init__(self, python: str = sys.executable, preload: str | None = None,
                  repo: str | None = None, ready_timeout: float = READY_TIMEOUT_S):
+        from pilot.runner import run_tag_env
+
         become_subreaper()
         argv = [python, "-m", "pilot.lsst.warm", "serve"]
         argv += (["--preload", preload] if preload else []) + (["--repo", repo] if repo else [])
-        env = {**os.environ, **FORK_SAFE_ENV}
+        # Tagged: the quantum processes it forks (no exec) show its environment in /proc, and a
+        # restart finds them by the tag if this agent dies (see pilot.leftovers)
+        env = {**os.environ, **FORK_SAFE_ENV, **run_tag_env()}
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
                                      close_fds=True)
         self.python = python

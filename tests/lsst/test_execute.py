@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,8 @@ from pilot.lsst.testing_tasks import FAIL_ENV, SLEEP_ENV  # noqa: E402
 from pilot.events import Failure, TaskStarted  # noqa: E402
 from pilot.lsst.warm import FORK_SAFE_ENV, WarmServer, close_servers, spawn  # noqa: E402
 from pilot.protocol import RunTask  # noqa: E402
-from pilot.runner import ProcessTable, Runner, WatchConfig, task_env  # noqa: E402
+from pilot.runner import ProcessTable, Runner, WatchConfig, set_run_tag, task_env  # noqa: E402
+from pilot import leftovers  # noqa: E402
 from tests.helpers import wait_for  # noqa: E402
 from tests.lsst.checks import (OF_A, check_outputs, quantum_tasks, read_outputs,  # noqa: E402
                                run_command)
@@ -92,6 +94,33 @@ def test_warm_child_failure_and_kill_leave_the_server_serving(test_repo, tmp_pat
     found = read_outputs(test_repo.repo)
     check_outputs(test_repo, found, [3, 4], gather=False, types=OF_A)
     assert ("add_dataset2", 3) not in found and ("add_dataset1", 5) not in found
+
+
+def test_a_warm_quantum_carries_the_run_tag_and_a_later_start_kills_it(test_repo, tmp_path):
+    """The warm server starts with the run's PILOT_RUN, so a quantum it forks (no exec) shows the
+    tag in /proc whatever environment it is given: a later start of the run finds and kills it,
+    as when the agent that launched it died (pilot.leftovers)."""
+    graph = load_qgraph(test_repo.graph_qg, test_repo.repo, mode="warm")
+    a4 = quantum_tasks(graph, "a", {4})[0]
+    run = leftovers.run_name("graph", 1.0, str(tmp_path / "ckpt.h5"))
+    tag = leftovers.new_tag(run)
+    set_run_tag(tag)
+    try:
+        server = WarmServer(graph.commands[1][0], str(test_repo.graph_qg), str(test_repo.repo))
+    finally:
+        set_run_tag(None)
+    pid = 0
+    try:
+        untagged = {k: v for k, v in os.environ.items() if k != leftovers.ENV}
+        pid = server.launch(graph.commands[a4][4:], str(tmp_path / "slow.log"), {**untagged, SLEEP_ENV: "60"})
+        assert {pid, server.proc.pid} <= set(leftovers.tagged(tag, others=False))
+        assert pid in leftovers.kill_tagged(leftovers.new_tag(run), others=True)
+        _, status, _ = os.wait4(pid, 0)
+        assert os.WTERMSIG(status) == signal.SIGKILL
+    finally:
+        server.close()
+        if pid:   # killed with SIGKILL, the child could not remove its butler cache directory
+            shutil.rmtree(os.path.join(tempfile.gettempdir(), f"butler-cache-dir-{pid}-warm"), ignore_errors=True)
 
 
 def test_server_refuses_to_fork_while_multi_threaded():

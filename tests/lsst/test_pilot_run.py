@@ -22,6 +22,7 @@ from pilot.commands import run as run_command  # noqa: E402
 from pilot.lsst.testing_tasks import FAIL_ENV  # noqa: E402
 from tests.helpers import MPIEXEC, ROOT, mpi_env, wait_for  # noqa: E402
 from tests.lsst.checks import check_outputs, read_outputs  # noqa: E402
+from tests.test_runner import pid_gone  # noqa: E402
 from tests.test_transport import cleanup_shm, shm_segments  # noqa: E402
 
 pytestmark = [pytest.mark.lsst, pytest.mark.mpi]
@@ -94,8 +95,9 @@ def processes_using(text: str) -> list[int]:
     return found
 
 
-def kill_leftovers(made) -> None:
-    """Quanta and warm servers of a killed run (they use the repository path): end them."""
+def kill_leftovers(made, earlier: list[int] = ()) -> None:
+    """Quanta and warm servers of a killed run (they use the repository path): end them, and
+    remove the butler cache directories of those and of the ``earlier`` pids."""
     pids = processes_using(str(made.repo))
     for pid in pids:
         try:
@@ -103,7 +105,7 @@ def kill_leftovers(made) -> None:
         except ProcessLookupError:
             pass
     wait_for(lambda: not processes_using(str(made.repo)), 30, what="leftover processes to end")
-    for pid in pids:   # a warm child killed with SIGKILL cannot remove its butler cache directory
+    for pid in {*pids, *earlier}:   # a warm child killed with SIGKILL cannot remove its butler cache directory
         shutil.rmtree(os.path.join(tempfile.gettempdir(), f"butler-cache-dir-{pid}-warm"), ignore_errors=True)
 
 
@@ -121,10 +123,17 @@ def test_kill_minus_9_then_resume_registers_everything_once(test_repo, tmp_path)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        kill_leftovers(test_repo)
         cleanup_shm(before)
-    again = run_pilot(test_repo, tmp_path, "warm")
+    # What outlived the killed run (quanta running then: a warm quantum does not die with its
+    # agent); the restart must end it before it runs anything (pilot.leftovers).
+    left = processes_using(str(test_repo.repo))
+    try:
+        again = run_pilot(test_repo, tmp_path, "warm")
+        still = [pid for pid in left if not pid_gone(pid)]
+    finally:
+        kill_leftovers(test_repo, left)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert still == [], f"processes of the killed run outlived the restart: {still}"
     check_outputs(test_repo, read_outputs(test_repo.repo), range(test_repo.detectors), gather=True)
 
 
