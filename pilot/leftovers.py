@@ -14,8 +14,8 @@ twice the work on the same outputs, and memory the scheduler does not count. So:
   task's process group. (Other processes of this start may still be about then, the LSST warm
   servers of the host's agents among them: those are left alone.)
 
-A process is found by reading ``/proc/<pid>/environ`` (the environment it started with; only
-processes of the same user are readable, unless root). The ranks themselves and their ancestors
+A process is found by reading ``/proc/<pid>/environ`` (the environment it started with), among
+the processes of this user. The ranks themselves and their ancestors
 are never touched, nor any process group but one a tagged process leads.
 """
 
@@ -47,19 +47,37 @@ def new_tag(run: str) -> str:
 
 
 def tagged(tag: str, others: bool, proc: str = "/proc") -> list[int]:
-    """Pids of the processes on this host tagged with ``tag``'s run: of another incarnation
-    (``others``) or of ``tag``'s own. This process and its ancestors are left out."""
-    run, _, incarnation = tag.partition(".")
-    needle = f"{ENV}={run}.".encode()
-    spared = _self_and_ancestors(proc)
+    """Pids of this user's processes on this host tagged with ``tag``'s run: of another
+    incarnation (``others``) or of ``tag``'s own. This process and its ancestors are left out."""
+    matches = _matcher(tag, others)
+    spared, uid = _self_and_ancestors(proc), os.getuid()
     found = []
     for name in os.listdir(proc):
-        if not name.isdigit() or int(name) in spared:
-            continue
-        value = _tag_of(f"{proc}/{name}/environ", needle)
-        if value is not None and (value != incarnation) == others:
+        # The owner first: a stat does not touch the process's memory, as reading its environ
+        # does (which waits on a process stuck with its memory map locked).
+        if name.isdigit() and int(name) not in spared and _owner(f"{proc}/{name}") == uid \
+                and matches(int(name), proc):
             found.append(int(name))
     return found
+
+
+def _matcher(tag: str, others: bool):
+    """``matches(pid, proc)``: whether the process is tagged with ``tag``'s run and another
+    incarnation (``others``) or ``tag``'s own."""
+    run, _, incarnation = tag.partition(".")
+    needle = f"{ENV}={run}.".encode()
+
+    def matches(pid: int, proc: str) -> bool:
+        value = _tag_of(f"{proc}/{pid}/environ", needle)
+        return value is not None and (value != incarnation) == others
+    return matches
+
+
+def _owner(path: str) -> int:
+    try:
+        return os.stat(path).st_uid
+    except OSError:
+        return -1
 
 
 def _tag_of(path: str, needle: bytes) -> bytes | None:
@@ -103,6 +121,7 @@ def kill_tagged(tag: str, others: bool, deadline_s: float = KILL_DEADLINE_S, pro
     nothing is found or the deadline passes; the pids killed. A found process that leads its
     process group (a task, which starts in a session of its own) takes its group with it; a group
     led by anything else is not touched (a warm server is in its agent's group)."""
+    matches = _matcher(tag, others)
     killed: list[int] = []
     end = time.monotonic() + deadline_s
     while True:
@@ -112,19 +131,29 @@ def kill_tagged(tag: str, others: bool, deadline_s: float = KILL_DEADLINE_S, pro
         if not found or time.monotonic() >= end:
             return killed
         for pid in found:
-            _kill(pid)
-            if pid not in killed:
+            if _kill(pid, matches, proc) and pid not in killed:
                 killed.append(pid)
         time.sleep(0.01)   # let SIGKILL land before looking again (a dead process has no environ)
 
 
-def _kill(pid: int) -> None:
+def _kill(pid: int, matches, proc: str) -> bool:
+    """SIGKILL ``pid``, with its group if it leads one, if it is still a process ``matches``
+    takes: its pidfd pins the process, so a pid reused since the scan is not hit."""
     try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:   # gone
+        return False
+    try:
+        if not matches(pid, proc):
+            return False
         if os.getpgid(pid) == pid:
             os.killpg(pid, signal.SIGKILL)
-        os.kill(pid, signal.SIGKILL)
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        return True
     except (ProcessLookupError, PermissionError):
-        pass
+        return False
+    finally:
+        os.close(pidfd)
 
 
 def sweep(tag: str, others: bool) -> None:

@@ -22,12 +22,12 @@ def started():
     """Starts processes (own sessions) and SIGKILLs their groups at the end, by pid."""
     procs: list[subprocess.Popen] = []
 
-    def start(command, tag: str | None = None, **env) -> subprocess.Popen:
+    def start(command, tag: str | None = None, user: int | None = None, **env) -> subprocess.Popen:
         full = {k: v for k, v in os.environ.items() if k != leftovers.ENV}
         if tag is not None:
             full[leftovers.ENV] = tag
         full.update(env)
-        proc = subprocess.Popen(command, env=full, start_new_session=True,
+        proc = subprocess.Popen(command, env=full, start_new_session=True, user=user,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs.append(proc)
         wait_for(lambda: _environ_read(proc.pid), 10, what=f"pid {proc.pid} started")
@@ -80,6 +80,14 @@ def test_tagged_tells_incarnations_and_runs_apart(started):
     assert new.pid in found_own and old.pid not in found_own
     for pid in (other_run.pid, inside_a_value.pid):
         assert pid not in found_others and pid not in found_own
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="starting a process as another user needs root")
+def test_another_users_processes_are_not_looked_at(started):
+    other = started(["sleep", "60"], OLD, user=65534)   # nobody
+    assert leftovers.tagged(NEW, others=True) == []
+    assert leftovers.kill_tagged(NEW, others=True) == []
+    assert not pid_gone(other.pid)
 
 
 def test_kill_tagged_kills_the_whole_group_and_spares_the_current_start(started):
