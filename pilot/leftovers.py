@@ -15,8 +15,8 @@ twice the work on the same outputs, and memory the scheduler does not count. So:
   servers of the host's agents among them: those are left alone.)
 
 A process is found by reading ``/proc/<pid>/environ`` (the environment it started with), among
-the processes of this user. The ranks themselves and their ancestors
-are never touched, nor any process group but one a tagged process leads.
+the processes of this user. The ranks themselves and their ancestors are never touched, nor any
+process group but one a tagged process leads.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _owner(path: str) -> int:
         return -1
 
 
-def _tag_of(path: str, needle: bytes) -> bytes | None:
+def _tag_of(path: str, needle: bytes) -> str | None:
     """The incarnation in the process's ``PILOT_RUN`` if it names the run in ``needle``."""
     try:
         with open(path, "rb") as f:

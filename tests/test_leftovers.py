@@ -30,7 +30,7 @@ def started():
         proc = subprocess.Popen(command, env=full, start_new_session=True, user=user,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs.append(proc)
-        wait_for(lambda: _environ_read(proc.pid), 10, what=f"pid {proc.pid} started")
+        wait_for(lambda: _execd(proc.pid), 10, what=f"pid {proc.pid} started")
         return proc
 
     yield start
@@ -42,7 +42,7 @@ def started():
         proc.wait()
 
 
-def _environ_read(pid: int) -> bool:
+def _execd(pid: int) -> bool:
     """The process has exec'd its program (its environ is the new one)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
