@@ -52,7 +52,11 @@ def tagged(tag: str, others: bool, proc: str = "/proc") -> list[int]:
     matches = _matcher(tag, others)
     spared, uid = _self_and_ancestors(proc), os.getuid()
     found = []
-    for name in os.listdir(proc):
+    try:
+        names = os.listdir(proc)
+    except OSError:   # no /proc: nothing can be found
+        return found
+    for name in names:
         # The owner first: a stat does not touch the process's memory, as reading its environ
         # does (which waits on a process stuck with its memory map locked).
         if name.isdigit() and int(name) not in spared and _owner(f"{proc}/{name}") == uid \

@@ -140,3 +140,8 @@ def test_the_sweep_of_its_own_start_takes_only_session_leaders(started):
     assert leftovers.kill_tagged(NEW, others=False) == [daemon.pid]
     daemon.wait(timeout=10)
     assert not pid_gone(inside)
+
+
+def test_without_proc_nothing_is_found(tmp_path):
+    assert leftovers.tagged(NEW, others=True, proc=str(tmp_path / "no-proc")) == []
+    assert leftovers.kill_tagged(NEW, others=True, proc=str(tmp_path / "no-proc")) == []
