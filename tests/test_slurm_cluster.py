@@ -9,6 +9,7 @@ derives from Slurm's end time for the job, or by Slurm's USR1 warning signal, wh
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -203,7 +204,8 @@ def test_srun_inside_salloc(slurm_env, tmp_path):
 
 def test_two_agents_per_node_share_each_node(slurm_env, run, tmp_path):
     """A site file with agents_per_node: 2 starts two agent ranks on every node; the tasks of a
-    node come from both (their parent, the agent, differs), and the job ends well.
+    node come from both (their parent, the agent, differs), all carry the start's PILOT_RUN, and
+    the job ends well.
     --overcommit: the emulated nodes have 2 CPUs, and the first also holds the master."""
     site_text = (Path(__file__).resolve().parent.parent / "slurm" / "sites" / "local.yaml").read_text()
     site_text = site_text.replace("launch: srun ", "launch: srun --overcommit ") + "agents_per_node: 2\n"
@@ -212,14 +214,19 @@ def test_two_agents_per_node_share_each_node(slurm_env, run, tmp_path):
     record = tmp_path / "parents.txt"
     workflow = tmp_path / "wf.yaml"
     workflow.write_text("requestMemory: 100\ntasks:\n" + "".join(
-        f"  - {{id: t{i:02d}, command: 'echo $PILOT_NODE $PPID >> {record}; sleep 0.3'}}\n" for i in range(24)))
+        f"  - {{id: t{i:02d}, command: 'echo $PILOT_NODE $PPID $PILOT_RUN >> {record}; sleep 0.3'}}\n"
+        for i in range(24)))
     proc = pilot(slurm_env, "submit", str(workflow), "--site", str(site), "--nodes", "2", "--run-dir", str(run),
                  "--walltime", "00:05:00")
     assert proc.returncode == 0, proc.stderr
     ends = wait_chain_done(run, proc.stdout.strip(), timeout=120)
     assert [e["exit"] for e in ends] == [0]
     agents: dict[str, set[str]] = {}
+    tags = set()
     for line in record.read_text().splitlines():
-        node, parent = line.split()
+        node, parent, tag = line.split()
         agents.setdefault(node, set()).add(parent)
+        tags.add(tag)
     assert len(agents) == 2 and all(len(parents) == 2 for parents in agents.values()), agents
+    # every agent rank got the start's tag from rank 0 (Begin) before its first task
+    assert len(tags) == 1 and re.fullmatch(r"[0-9a-f]{12}\.[0-9a-f]{8}", tags.pop()), tags
