@@ -49,7 +49,11 @@ def new_tag(run: str) -> str:
 def tagged(tag: str, others: bool, proc: str = "/proc") -> list[int]:
     """Pids of this user's processes on this host tagged with ``tag``'s run: of another
     incarnation (``others``) or of ``tag``'s own. This process and its ancestors are left out."""
-    matches = _matcher(tag, others)
+    return _found(_matcher(tag, others), proc)
+
+
+def _found(matches, proc: str) -> list[int]:
+    """Pids of this user's processes that ``matches`` takes, but this one and its ancestors."""
     spared, uid = _self_and_ancestors(proc), os.getuid()
     found = []
     try:
@@ -100,23 +104,29 @@ def _tag_of(path: str, needle: bytes) -> str | None:
     return data[at + len(needle):end if end >= 0 else len(data)].decode(errors="replace")
 
 
-def _session_of(pid: int, proc: str) -> int:
+def _stat_fields(pid: int, proc: str) -> list[bytes]:
+    """The fields of ``/proc/<pid>/stat`` after the command: state, ppid, pgrp, session, ...
+    ([] if the process is gone)."""
     try:
         with open(f"{proc}/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[3])
-    except (OSError, ValueError, IndexError):
-        return 0
+            return f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _session_of(pid: int, proc: str) -> int:
+    fields = _stat_fields(pid, proc)
+    return int(fields[3]) if len(fields) > 3 else 0
 
 
 def _self_and_ancestors(proc: str) -> set[int]:
     pids, pid = set(), os.getpid()
     while pid > 1 and pid not in pids:
         pids.add(pid)
-        try:
-            with open(f"{proc}/{pid}/stat", "rb") as f:
-                pid = int(f.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+        fields = _stat_fields(pid, proc)
+        if len(fields) < 2:
             break
+        pid = int(fields[1])
     return pids
 
 
@@ -129,7 +139,7 @@ def kill_tagged(tag: str, others: bool, deadline_s: float = KILL_DEADLINE_S, pro
     killed: list[int] = []
     end = time.monotonic() + deadline_s
     while True:
-        found = tagged(tag, others, proc)
+        found = _found(matches, proc)
         if not others:
             found = [pid for pid in found if _session_of(pid, proc) == pid]
         if not found or time.monotonic() >= end:

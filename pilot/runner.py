@@ -167,8 +167,7 @@ def run_tag_env() -> dict[str, str]:
 def _agent_env() -> dict[str, str]:
     # Cached once per process; callers copy it.
     env = {k: v for k, v in os.environ.items() if not k.startswith(MPI_ENV_PREFIXES)}
-    if _run_tag:
-        env[leftovers.ENV] = _run_tag[0]
+    env.update(run_tag_env())
     return env
 
 
