@@ -4,5 +4,5 @@ through ``os.posix_spawn`` (see pilot/spawn.py)."""
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("pilot._launch", ["native/launch.c"], optional=True,
+setup(ext_modules=[Extension("pilot._launch", ["native/launch.c", "native/lane.c"], depends=["native/launch.h"], optional=True,
                              extra_compile_args=["-O2", "-Wall", "-Wextra"])])

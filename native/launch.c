@@ -30,6 +30,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "launch.h"
+
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
 #endif
@@ -131,95 +133,141 @@ static __attribute__((noinline)) pid_t vfork_exec(const char *program, char **ar
     return pid;
 }
 
-enum failure { NONE, OPEN_LOG, VFORK, EXEC, PIDFD };
+/* Open the log, vfork and exec, open the pidfd; called without the GIL. On failure nothing is
+ * left running or open, and *error holds the errno. */
+enum failure spawn_task(const char *program, char **argv, char **env, const char *log,
+                               int stdin_fd, pid_t *pid_out, int *pidfd_out, int *error)
+{
+    volatile int exec_errno = 0;
+    enum failure failed = NONE;
+    int pidfd = -1;
+    pid_t pid = -1;
+    *error = 0;
+    int log_fd = open(log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (log_fd < 0) {
+        *error = errno;
+        return OPEN_LOG;
+    }
+    pid = vfork_exec(program, argv, env, stdin_fd, log_fd, &exec_errno);
+    *error = errno;
+    close(log_fd);
+    if (pid < 0) {
+        failed = VFORK;
+    } else if (exec_errno) {
+        failed = EXEC, *error = exec_errno;
+        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+            ;
+    } else if ((pidfd = (int)syscall(SYS_pidfd_open, pid, 0)) < 0) {
+        failed = PIDFD, *error = errno;   /* it could not be watched: not left running */
+        kill(pid, SIGKILL);
+        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+            ;
+    }
+    *pid_out = pid, *pidfd_out = pidfd;
+    return failed;
+}
+
+/* The OSError of a failed spawn_task (NULL returned for the caller to pass on). */
+PyObject *spawn_error(enum failure failed, int error, PyObject *program, PyObject *log)
+{
+    errno = error;
+    if (failed == OPEN_LOG)
+        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, log);
+    if (failed == EXEC)
+        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, program);
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
+void release(Prepared *p)
+{
+    Py_CLEAR(p->keep);
+    PyMem_Free(p->argv);
+    PyMem_Free(p->env);
+    p->argv = p->env = NULL;
+}
+
+/* 0, or -1 with an exception set (TypeError, or ValueError for an empty argv or an embedded NUL). */
+int prepare(PyObject *program_obj, PyObject *argv_obj, PyObject *env_obj, PyObject *log_obj,
+                   Prepared *p)
+{
+    PyObject *program = NULL, *log = NULL, *argv_keep = NULL, *env_keep = NULL;
+    memset(p, 0, sizeof *p);
+    if (!PyUnicode_FSConverter(program_obj, &program) || !PyUnicode_FSConverter(log_obj, &log))
+        goto fail;
+    if ((p->argv = c_strings(argv_obj, &argv_keep, "argv must be a sequence")) == NULL)
+        goto fail;
+    if (p->argv[0] == NULL) {
+        PyErr_SetString(PyExc_ValueError, "empty command");
+        goto fail;
+    }
+    if ((p->env = c_strings(env_obj, &env_keep, "env must be a sequence")) == NULL)
+        goto fail;
+    if ((p->keep = PyTuple_Pack(4, program, log, argv_keep, env_keep)) == NULL)
+        goto fail;
+    p->program = PyBytes_AS_STRING(program), p->log = PyBytes_AS_STRING(log);
+    Py_DECREF(program), Py_DECREF(log), Py_DECREF(argv_keep), Py_DECREF(env_keep);
+    return 0;
+fail:
+    Py_XDECREF(program), Py_XDECREF(log), Py_XDECREF(argv_keep), Py_XDECREF(env_keep);
+    release(p);
+    return -1;
+}
 
 static PyObject *launch(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *program_obj, *argv_obj, *env_obj, *log_obj, *program = NULL, *log = NULL;
-    PyObject *argv_keep = NULL, *env_keep = NULL, *result = NULL;
-    char **argv = NULL, **env = NULL;
-    int stdin_fd;
+    PyObject *program_obj, *argv_obj, *env_obj, *log_obj;
+    Prepared p;
+    int stdin_fd, pidfd, error;
+    pid_t pid;
+    enum failure failed;
     if (!PyArg_ParseTuple(args, "OOOOi:launch", &program_obj, &argv_obj, &env_obj, &log_obj, &stdin_fd))
         return NULL;
-    if (!PyUnicode_FSConverter(program_obj, &program) || !PyUnicode_FSConverter(log_obj, &log))
-        goto done;
-    if ((argv = c_strings(argv_obj, &argv_keep, "argv must be a sequence")) == NULL)
-        goto done;
-    if (argv[0] == NULL) {
-        PyErr_SetString(PyExc_ValueError, "empty command");
-        goto done;
-    }
-    if ((env = c_strings(env_obj, &env_keep, "env must be a sequence")) == NULL)
-        goto done;
-
-    const char *program_c = PyBytes_AS_STRING(program), *log_c = PyBytes_AS_STRING(log);
-    volatile int exec_errno = 0;
-    enum failure failed = NONE;
-    int error = 0, pidfd = -1;
-    pid_t pid = -1;
+    if (prepare(program_obj, argv_obj, env_obj, log_obj, &p) < 0)
+        return NULL;
     Py_BEGIN_ALLOW_THREADS
-    int log_fd = open(log_c, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-    if (log_fd < 0) {
-        failed = OPEN_LOG, error = errno;
-    } else {
-        pid = vfork_exec(program_c, argv, env, stdin_fd, log_fd, &exec_errno);
-        error = errno;
-        close(log_fd);
-        if (pid < 0) {
-            failed = VFORK;
-        } else if (exec_errno) {
-            failed = EXEC, error = exec_errno;
-            while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
-                ;
-        } else if ((pidfd = (int)syscall(SYS_pidfd_open, pid, 0)) < 0) {
-            failed = PIDFD, error = errno;   /* it could not be watched: not left running */
-            kill(pid, SIGKILL);
-            while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
-                ;
-        }
-    }
+    failed = spawn_task(p.program, p.argv, p.env, p.log, stdin_fd, &pid, &pidfd, &error);
     Py_END_ALLOW_THREADS
+    release(&p);
+    if (failed != NONE)
+        return spawn_error(failed, error, program_obj, log_obj);
+    return Py_BuildValue("(ii)", (int)pid, pidfd);
+}
+
+/* Kill what is left of the group of `pid` (a zombie: its pid cannot have been reused), wait for
+ * it, close its pidfd; called without the GIL. The waited pid or -1 (errno set). */
+pid_t reap_task(pid_t pid, int pidfd, int *status, long long *usec)
+{
+    struct rusage usage;
+    pid_t got;
+    memset(&usage, 0, sizeof usage);
+    killpg(pid, SIGKILL);   /* leftovers of the group; it may be empty */
+    while ((got = wait4(pid, status, 0, &usage)) < 0 && errno == EINTR)
+        ;
+    int error = errno;
+    if (pidfd >= 0)
+        close(pidfd);
     errno = error;
-    if (failed == OPEN_LOG)
-        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, log_obj);
-    else if (failed == EXEC)
-        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, program_obj);
-    else if (failed != NONE)
-        PyErr_SetFromErrno(PyExc_OSError);
-    else
-        result = Py_BuildValue("(ii)", (int)pid, pidfd);
-done:
-    Py_XDECREF(program);
-    Py_XDECREF(log);
-    Py_XDECREF(argv_keep);
-    Py_XDECREF(env_keep);
-    PyMem_Free(argv);
-    PyMem_Free(env);
-    return result;
+    /* Whole microseconds, divided once by the caller: the double nearest a 6-decimal value, as
+     * round(x, 6) gives it (the caller need not round; a float round in Python costs a formatting). */
+    *usec = ((long long)usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) * 1000000LL
+          + usage.ru_utime.tv_usec + usage.ru_stime.tv_usec;
+    return got;
 }
 
 static PyObject *reap(PyObject *self, PyObject *args)
 {
     (void)self;
     int pid, pidfd, status = 0;
-    struct rusage usage;
+    long long usec = 0;
     pid_t got;
     if (!PyArg_ParseTuple(args, "ii:reap", &pid, &pidfd))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    killpg(pid, SIGKILL);   /* leftovers of the group; it may be empty */
-    while ((got = wait4(pid, &status, 0, &usage)) < 0 && errno == EINTR)
-        ;
-    if (pidfd >= 0)
-        close(pidfd);
+    got = reap_task(pid, pidfd, &status, &usec);
     Py_END_ALLOW_THREADS
     if (got < 0)
         return PyErr_SetFromErrno(PyExc_ChildProcessError);
-    /* Whole microseconds, divided once: the double nearest a 6-decimal value, as round(x, 6)
-     * gives it (the caller need not round; a float round in Python costs a formatting). */
-    long long usec = ((long long)usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) * 1000000LL
-                   + usage.ru_utime.tv_usec + usage.ru_stime.tv_usec;
     return Py_BuildValue("(id)", status, (double)usec / 1e6);
 }
 
@@ -242,5 +290,16 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "pilot._launch",
 
 PyMODINIT_FUNC PyInit__launch(void)
 {
-    return PyModule_Create(&module);
+    if (PyType_Ready(&LaneType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&LaneType);
+    if (PyModule_AddObject(m, "Lane", (PyObject *)&LaneType) < 0) {
+        Py_DECREF(&LaneType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

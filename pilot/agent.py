@@ -21,6 +21,15 @@ one message for several ends spares both sides a send and a receive per task. A 
 probes MPI only when its doorbell rang, or now and then (:class:`Prober`). Besides, every
 quarter of ``pilot run --agent-timeout`` an agent sends ``Alive``: rank 0 takes an agent rank
 it hears nothing from for that long for hung (see :meth:`pilot.master.Master._check_liveness`).
+
+The lane: where tasks start natively, an attempt without a timeout (and not LSST warm mode)
+runs in ``pilot._launch.Lane`` (native/lane.c), which launches it, watches its pidfd and reaps
+it in C, and launches a ``RunTask`` queued behind it in the same call when it exits 0: a short
+task then costs the agent's Python its result and little else. Whatever needs more than that
+takes the attempt out of the lane into a :class:`~pilot.runner.Runner` first (a kill, a
+memory sample, which is due only once it has run ``sample_interval``); an attempt that did not
+exit 0 is classified by a Runner too, and what waited behind it starts as the report of its
+end says, from Python.
 """
 
 from __future__ import annotations
@@ -34,12 +43,13 @@ import signal
 import sys
 import time
 
-from pilot import leftovers
+from pilot import leftovers, nodes
 from pilot.errors import EXIT_USAGE
-from pilot.events import Failure, TaskFinished
+from pilot.events import Failure, TaskFinished, new_task_finished, new_task_started
 from pilot.nodes import NodeInfo
 from pilot.protocol import ALL_TASKS, Alive, Begin, Hello, Interrupted, Kill, Recall, RunTask, Shutdown
-from pilot.runner import ProcessTable, Runner, WatchConfig, set_run_tag
+from pilot.runner import OOM_READ_MAX_AGE, ProcessTable, Runner, WatchConfig, argv_of, lane_args, set_run_tag
+from pilot.spawn import new_lane
 from pilot.transport import Transport
 
 log = logging.getLogger("pilot.agent")
@@ -82,7 +92,9 @@ class Agent:
         self.exit_code = 0          # the run's, as the master's Shutdown gives it
         self.tag: str | None = None   # what the attempts carry as PILOT_RUN (the master's Begin)
         self.held: list[tuple[float, TaskFinished]] = []
-        self.starts: dict[tuple[int, int], Runner] = {}   # (task, attempt): start sent when due or not at all
+        # (task, attempt): start sent when due or not at all; a Runner, or for an attempt in the
+        # lane the fields of its TaskStarted
+        self.starts: dict[tuple[int, int], Runner | tuple] = {}
         self.waiting: dict[int, list[RunTask]] = {}   # task -> RunTasks queued to start when it ends
         self.unreported: set[int] = set()   # tasks running, queued or ended but not yet reported
         # A report left a slot idle (no task queued behind it here): rank 0 should see it at once
@@ -98,6 +110,13 @@ class Agent:
         self._timed: set[tuple[int, int]] = set()
         self._wake_fds: set[int] = set()
         self.rung = False   # a wake fd was readable when the attempts' epoll was last polled
+        self.lane = new_lane()   # None where tasks do not start natively
+        self.fast: dict[int, tuple[RunTask, int | None]] = {}   # task -> its attempt in the lane, OOM count before
+        self.lane_queued: set[int] = set()   # tasks the lane launches when what they wait for exits 0
+        self._lane_ready = False   # its descriptor was readable: something there ended
+        self._lane_fd = -1 if self.lane is None else self.lane.fileno()
+        if self.lane is not None:
+            self._epoll.register(self._lane_fd, select.EPOLLIN)
 
     @property
     def report_now(self) -> bool:
@@ -108,7 +127,12 @@ class Agent:
     @property
     def busy(self) -> bool:
         """Attempts running, or results or starts held back for a moment."""
-        return bool(self.runners or self.held or self.starts)
+        return bool(self.runners or self.fast or self.held or self.starts)
+
+    @property
+    def running(self) -> int:
+        """Attempts running here."""
+        return len(self.runners) + len(self.fast)
 
     def handle(self, message) -> None:
         """Act on a message from the master."""
@@ -116,6 +140,8 @@ class Agent:
             if message.after >= 0 and message.after in self.unreported:
                 self.waiting.setdefault(message.after, []).append(message)
                 self.unreported.add(message.task)
+                if message.after in self.fast or message.after in self.lane_queued:
+                    self._lane_queue(message)
             else:   # not queued, or what it waited for has already been reported
                 self._begin(message)
         elif isinstance(message, Kill):
@@ -159,7 +185,10 @@ class Agent:
         else:
             return
         runs.remove(run)
-        runs.extend(self.waiting.pop(task, ()))
+        moved = self.waiting.pop(task, ())
+        for unqueued in (run, *moved):   # the lane would launch these behind the wrong task
+            self._lane_drop(unqueued.task)
+        runs.extend(moved)
         if not runs:
             del self.waiting[before]
         self._send_result(_not_started(run))
@@ -173,6 +202,9 @@ class Agent:
 
     def _start(self, run: RunTask) -> None:
         self.unreported.add(run.task)
+        self._lane_drop(run.task)   # started now: the lane must not launch it again
+        if self.lane is not None and run.task not in self.fast and self._lane_start(run):
+            return
         runner = Runner(run, self.watch)
         failed = runner.launch()
         if failed is not None:
@@ -192,11 +224,103 @@ class Agent:
     def _send_starts(self) -> None:
         if self.starts:
             starts, self.starts = self.starts, {}
-            for runner in starts.values():
-                self.send(runner.started())
+            for start in starts.values():
+                self.send(start.started() if isinstance(start, Runner) else new_task_started(*start))
+
+    # -- the lane (see the module docstring) --
+
+    def _lane_start(self, run: RunTask) -> bool:
+        """Launch ``run`` in the lane; False if the lane does not take it (a Runner launches it,
+        and reports a launch error)."""
+        oom_before = nodes.recent_oom_kill_count(OOM_READ_MAX_AGE)
+        try:
+            args = lane_args(run)
+            if args is None:
+                return False
+            pid, start = self.lane.start(run.task, run.attempt, *args)
+        except (OSError, ValueError):
+            return False
+        self._in_lane(run, pid, start, oom_before)
+        return True
+
+    def _in_lane(self, run: RunTask, pid: int, start: float, oom_before: int | None) -> None:
+        self.started += 1
+        self.fast[run.task] = (run, oom_before)
+        if not self.starts:
+            self._starts_due = time.monotonic() + self.started_delay
+        self.starts[(run.task, run.attempt)] = (run.task, run.attempt, run.node, start, pid)
+
+    def _lane_queue(self, run: RunTask) -> None:
+        """Have the lane launch ``run`` as soon as the attempt it waits for exits 0."""
+        try:
+            args = lane_args(run)
+        except (OSError, ValueError):
+            return   # the Runner that starts it reports why it cannot
+        if args is not None and run.task not in self.fast:
+            self.lane.queue(run.after, run.task, run.attempt, *args)
+            self.lane_queued.add(run.task)
+
+    def _lane_drop(self, task: int) -> None:
+        if task in self.lane_queued:
+            self.lane_queued.discard(task)
+            self.lane.drop(task)
+
+    def _lane_reap(self, now: float) -> bool:
+        """Report what ended in the lane, and note what it launched behind them."""
+        if self.stop_seen or self.stopped:
+            self.lane.stop()   # nothing queued starts once the run stops
+        ended = self.lane.reap()
+        for task, attempt, pid, status, cpu_s, start, end, launched in ended:
+            run, oom_before = self.fast.pop(task)
+            self.starts.pop((task, attempt), None)
+            if status:
+                runner = Runner.adopted(run, self.watch, pid, -1, start, 0.0, oom_before)
+                self._report(runner.classify(status, cpu_s), now)   # what waits behind it starts from here
+                continue
+            self.send(new_task_finished(task, attempt, run.node, Failure.NONE, 0, None, start, end, 0.0,
+                                        cpu_s, run.log))
+            self.unreported.discard(task)
+            behind = self.waiting.pop(task, ())
+            if not behind:
+                self.urgent = True
+            for queued in behind:
+                self._after_lane_end(queued, launched)
+        return bool(ended)
+
+    def _after_lane_end(self, run: RunTask, launched: tuple) -> None:
+        """``run`` waited for an attempt the lane reaped: it was launched then, or failed to,
+        or it starts now (it was not queued in the lane)."""
+        self.lane_queued.discard(run.task)   # the lane has forgotten it either way
+        for task, attempt, pid, start, error in launched:
+            if task == run.task and attempt == run.attempt:
+                if pid:
+                    self._in_lane(run, pid, start, nodes.recent_oom_kill_count(OOM_READ_MAX_AGE))
+                else:
+                    runner = Runner(run, self.watch)
+                    runner.start_time = start
+                    self._send_result(runner.launch_failed(OSError(error, os.strerror(error), argv_of(run.command)[0])))
+                return
+        self._begin(run)
+
+    def _take_from_lane(self, task: int) -> None:
+        """Move the attempt of ``task`` from the lane to a Runner (to kill or sample it)."""
+        run, oom_before = self.fast.pop(task)
+        pid, pidfd, start, started_mono = self.lane.take(task, run.attempt)
+        for queued in self.waiting.get(task, ()):
+            self.lane_queued.discard(queued.task)   # the lane dropped them: they start from Python
+        key = (task, run.attempt)
+        runner = Runner.adopted(run, self.watch, pid, pidfd, start, started_mono, oom_before)
+        self.runners[key] = runner
+        self._epoll.register(pidfd, select.EPOLLIN)
+        self._key_of_fd[pidfd] = key
+        if key in self.starts:
+            self.starts[key] = runner
 
     def kill(self, task: int, attempt: int, failure: Failure, hard: bool = False) -> None:
         """Kill one attempt, or every running attempt when ``task == ALL_TASKS``."""
+        for t in [t for t, (run, _) in self.fast.items()
+                  if task == ALL_TASKS or (t == task and attempt in (0, run.attempt))]:
+            self._take_from_lane(t)
         for (t, a), runner in self.runners.items():
             if task == ALL_TASKS or (t == task and (attempt == 0 or a == attempt)):
                 runner.kill(failure, hard=hard)
@@ -205,7 +329,7 @@ class Agent:
     def step(self) -> bool:
         """Watch memory and time, report finished attempts; True if any attempt ended."""
         now = time.monotonic()
-        if self.runners and now >= self._next_sample:
+        if (self.runners or self.fast) and now >= self._next_sample:
             self._sample()
             self._next_sample = now + self.watch.sample_interval
         for key in self._timed:
@@ -216,6 +340,9 @@ class Agent:
         for key in self._exited():
             self._report(self._reap(key), now)
             ended = True
+        if self._lane_ready:
+            self._lane_ready = False
+            ended = self._lane_reap(now) or ended
         return ended
 
     def _reap(self, key: tuple[int, int]) -> TaskFinished:
@@ -274,13 +401,15 @@ class Agent:
     def _exited(self) -> list[tuple[int, int]]:
         """Attempts whose main process has ended (their pidfd is readable), from one syscall that
         also tells whether the transport's doorbell rang (:attr:`rung`)."""
-        if not self.runners and not self._wake_fds:
+        if not self.runners and not self.fast and not self._wake_fds:
             return []
         keys, ended = self._key_of_fd, []
         for fd, _ in self._epoll.poll(0):
             key = keys.get(fd)
             if key is not None:
                 ended.append(key)
+            elif fd == self._lane_fd:
+                self._lane_ready = True
             elif fd in self._wake_fds:
                 self.rung = True
         return ended   # one pidfd per attempt, and epoll reports a ready fd once a call
@@ -288,6 +417,10 @@ class Agent:
     def _sample(self) -> None:
         # An attempt is first sampled one interval after it starts: short tasks cost no scan.
         now = time.monotonic()
+        if self.fast:   # sampled from a Runner: attempts that ran long enough leave the lane
+            for task, _, started_mono in self.lane.running():
+                if now - started_mono >= self.watch.sample_interval:
+                    self._take_from_lane(task)
         due = [r for r in self.runners.values() if now - r.started_mono >= self.watch.sample_interval]
         if due:
             table = ProcessTable.of_trees(r.pid for r in due)
@@ -305,7 +438,7 @@ class Agent:
         ``wake_fd`` (the transport's) becomes readable; True if something did (maybe ``wake_fd``:
         the next :meth:`step` tells, through :attr:`rung`)."""
         self.watch_wake_fd(wake_fd)
-        if self.runners or self.starts:
+        if self.runners or self.fast or self.starts:
             due = [self._next_sample] + [d for k in self._timed if (d := self.runners[k].next_deadline)]
             if self.starts:
                 due.append(self._starts_due)

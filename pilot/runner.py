@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pilot import leftovers, nodes
 from pilot.events import Failure, TaskFinished, TaskStarted, new_task_finished, new_task_started
 from pilot.protocol import RunTask
-from pilot.spawn import launch_native, native_usable, reap, spawn_posix
+from pilot.spawn import launch_native, native_usable, program_of, reap, spawn_posix
 
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 OOM_READ_MAX_AGE = 0.01   # seconds: launches this close together share one read of the OOM counter
@@ -266,6 +266,19 @@ def argv_of(command) -> list[str]:
     return [str(part) for part in command]
 
 
+def lane_args(run: RunTask) -> tuple[str, list[str], list[bytes], str] | None:
+    """What ``pilot._launch.Lane`` takes to launch ``run`` (program, argv, environment entries,
+    log; the log's folder made), or None for an attempt the lane does not run: one with a
+    timeout or in LSST warm mode (a :class:`Runner` watches those). Raises as a launch would
+    (OSError, ValueError) when it cannot be launched."""
+    if run.timeout or (run.env and run.env.get("PILOT_LSST_MODE") == "warm"):
+        return None
+    _make_dir(run.log.rpartition("/")[0])
+    entries, path = _task_env_entries(run)
+    argv = argv_of(run.command)
+    return program_of(argv, path), argv, entries, run.log
+
+
 _made_dirs: set[str] = set()
 
 
@@ -294,6 +307,17 @@ class Runner:
         self._oom_before: int | None = None
         self.started_mono = 0.0
 
+    @classmethod
+    def adopted(cls, run: RunTask, watch: WatchConfig, pid: int, pidfd: int, start_time: float,
+                started_mono: float, oom_before: int | None) -> "Runner":
+        """The runner of an attempt launched elsewhere (by the agent's lane): ``pidfd`` is now
+        this runner's to close."""
+        runner = cls(run, watch)
+        runner.pid, runner.pidfd, runner.start_time, runner.started_mono = pid, pidfd, start_time, started_mono
+        runner._oom_before = oom_before
+        runner._live = pidfd >= 0
+        return runner
+
     def start(self) -> TaskStarted | TaskFinished:
         """Launch the process; a launch error comes back at once as ``Failure.LAUNCH``."""
         failed = self.launch()
@@ -309,7 +333,7 @@ class Runner:
         try:
             self.pid, self.pidfd = self._launch()
         except (OSError, ValueError) as err:   # ValueError: a NUL or a "=" where none may be
-            return self._launch_failed(err)
+            return self.launch_failed(err)
         self._live = True
         return None
 
@@ -333,7 +357,8 @@ class Runner:
             return launch_native(argv_of(run.command), entries, run.log, path)
         return spawn_posix(argv_of(run.command), _task_envb(run), run.log)
 
-    def _launch_failed(self, err: Exception) -> TaskFinished:
+    def launch_failed(self, err: Exception) -> TaskFinished:
+        """The result of an attempt that could not be launched (``err`` says why, in its log)."""
         _made_dirs.discard(self.run.log.rpartition("/")[0])   # made again next time, if it was removed
         try:
             with open(self.run.log, "a") as log:
@@ -400,9 +425,11 @@ class Runner:
         self.pidfd = -1
         if status == 0 and self.reason is None:   # most attempts: no classifying needed
             return self._finished(Failure.NONE, 0, None, cpu_s)
-        return self._classify(status, cpu_s)
+        return self.classify(status, cpu_s)
 
-    def _classify(self, status: int, cpu_s: float) -> TaskFinished:
+    def classify(self, status: int, cpu_s: float) -> TaskFinished:
+        """The result of an ended attempt from its wait status and CPU seconds (its main process
+        reaped here or by the agent's lane)."""
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
         if self.reason is not None and code != 0:

@@ -50,14 +50,20 @@ def spawn_posix(argv: list[str], env: dict, log: str) -> tuple[int, int]:
     ``env`` maps str or bytes (a program without a ``/`` is looked up on its PATH, as
     subprocess does). Raises OSError when the log cannot be opened or the program cannot be
     run, ValueError for an empty ``argv`` or a NUL or ``=`` where none may be."""
-    pid = _posix_spawn(_program(argv, _path_of(env)), argv, env, log)
+    pid = _posix_spawn(program_of(argv, _path_of(env)), argv, env, log)
     return pid, os.pidfd_open(pid)
 
 
 def launch_native(argv: list[str], entries: list[bytes], log: str, path: bytes | None) -> tuple[int, int]:
     """:func:`spawn_posix` through ``pilot._launch`` (only where :func:`native_usable`), with
     the environment as ``b"NAME=value"`` entries and ``path`` its PATH."""
-    return _launch.launch(_program(argv, path), argv, entries, log, _devnull())
+    return _launch.launch(program_of(argv, path), argv, entries, log, _devnull())
+
+
+def new_lane():
+    """A ``pilot._launch.Lane`` (see native/lane.c) launching as :func:`launch_native` does;
+    None where the native launch is not used."""
+    return _launch.Lane(_devnull()) if native_usable() else None
 
 
 def reap(pid: int, pidfd: int) -> tuple[int, float]:
@@ -132,7 +138,7 @@ def _cloexec_listed(low: int) -> None:
 # ---- finding the program ----------------------------------------------------------------
 
 
-def _program(argv: list[str], path: bytes | None) -> str:
+def program_of(argv: list[str], path: bytes | None) -> str:
     """The program ``argv`` runs: ``argv[0]`` if it names a path, else where ``path`` (a PATH)
     finds it (FileNotFoundError if nowhere; ValueError if ``argv`` is empty)."""
     if not argv:

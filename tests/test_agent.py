@@ -109,7 +109,7 @@ def test_hundreds_of_short_attempts_are_each_reported_once(tmp_path):
 
     def step():
         nonlocal started
-        while started < count and len(agent.runners) < slots:
+        while started < count and agent.running < slots:
             agent.handle(RunTask(started, 1, 0, f"t{started}", "lbl", "n0", ["true"], None,
                                  str(tmp_path / f"t{started}.log"), 0.0, 100, 1))
             started += 1
@@ -145,7 +145,7 @@ def test_a_queued_task_starts_when_its_predecessor_ends_and_is_reported_after_it
     agent.handle(_queued(tmp_path, 1, -1, ["sh", "-c", f"sleep 0.3; python3 -c \"{stamp}\" {first}"]))
     agent.handle(_queued(tmp_path, 2, 1, ["python3", "-c", stamp, str(tmp_path / "second.start")]))
     agent.handle(_queued(tmp_path, 3, 2, ["true"]))
-    assert set(agent.waiting) == {1, 2} and len(agent.runners) == 1   # one runs, two wait
+    assert set(agent.waiting) == {1, 2} and agent.running == 1   # one runs, two wait
     results = _results(agent, sent, 3)
     assert [r.task for r in results] == [1, 2, 3]
     assert all(r.failure == Failure.NONE for r in results)
@@ -160,7 +160,7 @@ def test_a_task_queued_behind_one_already_reported_starts_at_once(tmp_path):
     agent.handle(_queued(tmp_path, 1, -1, ["true"]))
     _results(agent, sent, 1)
     agent.handle(_queued(tmp_path, 2, 1, ["true"]))
-    assert len(agent.runners) == 1 and not agent.waiting
+    assert agent.running == 1 and not agent.waiting
     assert [r.task for r in _results(agent, sent, 2)] == [1, 2]
 
 
@@ -185,7 +185,7 @@ def test_a_recalled_task_is_reported_unstarted_and_the_one_behind_it_moves_up(tm
     assert [(m.task, m.failure) for m in sent if isinstance(m, TaskFinished)] == [(2, Failure.INTERRUPTED)]
     assert [r.task for r in agent.waiting[1]] == [3] and 2 not in agent.waiting
     agent.handle(Recall(1, 1))   # running: not queued here, left alone
-    assert len(agent.runners) == 1
+    assert agent.running == 1
     agent.handle(Kill(ALL_TASKS, 0, Failure.INTERRUPTED))
     results = _results(agent, sent, 3)
     assert [(r.task, r.failure) for r in results] == [(2, Failure.INTERRUPTED), (1, Failure.INTERRUPTED),

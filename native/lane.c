@@ -1,0 +1,368 @@
+/* pilot._launch.Lane: an agent's attempts of plain native tasks, started, watched and reaped in C
+ * (see pilot/agent.py, "the lane").
+ *
+ * Lane(stdin_fd)
+ * start(task, attempt, program, argv, env, log) -> (pid, start)
+ *   launch now, as launch() does; `start` is the wall-clock time (time.time()) of the launch.
+ * queue(after, task, attempt, program, argv, env, log)
+ *   launch when the attempt of task `after` now in the lane is reaped having exited 0, unless
+ *   the lane has stopped by then (else it is dropped: the caller starts it, or not).
+ * drop(task) -> bool: forget what was queued for `task`.
+ * reap() -> [(task, attempt, pid, status, cpu, start, end, launched), ...]
+ *   every attempt whose main process has ended, reaped as reap() does (never blocks); `launched`
+ *   holds what was queued behind it and launched at once, as (task, attempt, pid, start, errno):
+ *   pid 0 and the errno when the launch failed (the caller reports that).
+ * take(task, attempt) -> (pid, pidfd, start, start_mono) or None
+ *   the attempt leaves the lane, its pidfd with it (now the caller's); what was queued behind
+ *   it is dropped.
+ * running() -> [(task, attempt, start_mono), ...]; stop(); fileno() (readable when reap() has
+ *   something); len(lane): attempts in the lane.
+ *
+ * Why: for a short task the agent's Python around each launch and reap costs more CPU than the
+ * launch itself; here the end of one attempt and the start of the one queued behind it are one
+ * call, with no Python object per attempt but its result.
+ */
+#include "launch.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef struct {
+    int task, attempt, pidfd;
+    pid_t pid;
+    double start, start_mono;
+} Live;
+
+typedef struct {
+    int after, task, attempt;
+    Prepared args;
+} Queued;
+
+typedef struct {
+    PyObject_HEAD
+    int epfd, stdin_fd, stopped;
+    Live *live;
+    Py_ssize_t nlive, cap_live;
+    Queued *queued;
+    Py_ssize_t nqueued, cap_queued;
+} Lane;
+
+static double clock_now(clockid_t clock)
+{
+    struct timespec ts;
+    clock_gettime(clock, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Room for one more element in a growing array; -1 (MemoryError) if none can be had. */
+static int grow(void **items, Py_ssize_t *cap, Py_ssize_t count, size_t size)
+{
+    if (count < *cap)
+        return 0;
+    Py_ssize_t more = *cap ? 2 * *cap : 16;
+    void *bigger = PyMem_Realloc(*items, (size_t)more * size);
+    if (bigger == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    *items = bigger, *cap = more;
+    return 0;
+}
+
+static PyObject *Lane_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    int stdin_fd;
+    static char *names[] = {"stdin_fd", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i:Lane", names, &stdin_fd))
+        return NULL;
+    Lane *self = (Lane *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->stdin_fd = stdin_fd;
+    if ((self->epfd = epoll_create1(EPOLL_CLOEXEC)) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static void Lane_dealloc(Lane *self)
+{
+    /* Attempts still here are the caller's to have taken; their processes are not ours to wait
+     * for any more, but their descriptors must not leak. */
+    for (Py_ssize_t i = 0; i < self->nlive; i++)
+        close(self->live[i].pidfd);
+    for (Py_ssize_t i = 0; i < self->nqueued; i++)
+        release(&self->queued[i].args);
+    PyMem_Free(self->live);
+    PyMem_Free(self->queued);
+    if (self->epfd >= 0)
+        close(self->epfd);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Watch a launched attempt; on failure it is killed and waited for, and -1 returned with an
+ * exception set. */
+static int add_live(Lane *self, int task, int attempt, pid_t pid, int pidfd, double start, double mono)
+{
+    struct epoll_event event = {.events = EPOLLIN, .data.fd = pidfd};
+    int failed = grow((void **)&self->live, &self->cap_live, self->nlive, sizeof(Live)) < 0;
+    if (!failed && epoll_ctl(self->epfd, EPOLL_CTL_ADD, pidfd, &event) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        failed = 1;
+    }
+    if (failed) {
+        int status;
+        long long usec;
+        kill(pid, SIGKILL);
+        reap_task(pid, pidfd, &status, &usec);
+        return -1;
+    }
+    self->live[self->nlive++] = (Live){task, attempt, pidfd, pid, start, mono};
+    return 0;
+}
+
+/* Take live[i] out of the lane (its pidfd out of the epoll, not closed). */
+static Live remove_live(Lane *self, Py_ssize_t i)
+{
+    Live gone = self->live[i];
+    epoll_ctl(self->epfd, EPOLL_CTL_DEL, gone.pidfd, NULL);
+    self->live[i] = self->live[--self->nlive];
+    return gone;
+}
+
+static void remove_queued(Lane *self, Py_ssize_t i)
+{
+    release(&self->queued[i].args);
+    memmove(&self->queued[i], &self->queued[i + 1], (size_t)(self->nqueued - i - 1) * sizeof(Queued));
+    self->nqueued--;
+}
+
+static PyObject *Lane_start(Lane *self, PyObject *args)
+{
+    PyObject *program, *argv, *env, *log;
+    int task, attempt, pidfd, error;
+    pid_t pid;
+    Prepared p;
+    if (!PyArg_ParseTuple(args, "iiOOOO:start", &task, &attempt, &program, &argv, &env, &log))
+        return NULL;
+    if (prepare(program, argv, env, log, &p) < 0)
+        return NULL;
+    double start = clock_now(CLOCK_REALTIME), mono = clock_now(CLOCK_MONOTONIC);
+    enum failure failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = spawn_task(p.program, p.argv, p.env, p.log, self->stdin_fd, &pid, &pidfd, &error);
+    Py_END_ALLOW_THREADS
+    release(&p);
+    if (failed != NONE)
+        return spawn_error(failed, error, program, log);
+    if (add_live(self, task, attempt, pid, pidfd, start, mono) < 0)
+        return NULL;
+    return Py_BuildValue("(id)", (int)pid, start);
+}
+
+static PyObject *Lane_queue(Lane *self, PyObject *args)
+{
+    PyObject *program, *argv, *env, *log;
+    int after, task, attempt;
+    if (!PyArg_ParseTuple(args, "iiiOOOO:queue", &after, &task, &attempt, &program, &argv, &env, &log))
+        return NULL;
+    if (grow((void **)&self->queued, &self->cap_queued, self->nqueued, sizeof(Queued)) < 0)
+        return NULL;
+    Queued *q = &self->queued[self->nqueued];
+    if (prepare(program, argv, env, log, &q->args) < 0)
+        return NULL;
+    q->after = after, q->task = task, q->attempt = attempt;
+    self->nqueued++;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lane_drop(Lane *self, PyObject *args)
+{
+    int task;
+    if (!PyArg_ParseTuple(args, "i:drop", &task))
+        return NULL;
+    for (Py_ssize_t i = 0; i < self->nqueued; i++)
+        if (self->queued[i].task == task) {
+            remove_queued(self, i);
+            Py_RETURN_TRUE;
+        }
+    Py_RETURN_FALSE;
+}
+
+/* Launch (if `go`) or drop, in the order they were queued, what waited for task `after`; a
+ * tuple of what was launched or failed to, or NULL with an exception set. */
+static PyObject *launch_behind(Lane *self, int after, int go)
+{
+    PyObject *launched = PyList_New(0);
+    if (launched == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < self->nqueued;) {
+        Queued *q = &self->queued[i];
+        if (q->after != after) {
+            i++;
+            continue;
+        }
+        if (go) {
+            int pidfd = -1, error = 0, task = q->task, attempt = q->attempt;
+            pid_t pid = 0;
+            double start = clock_now(CLOCK_REALTIME), mono = clock_now(CLOCK_MONOTONIC);
+            enum failure failed;
+            Py_BEGIN_ALLOW_THREADS
+            failed = spawn_task(q->args.program, q->args.argv, q->args.env, q->args.log,
+                                self->stdin_fd, &pid, &pidfd, &error);
+            Py_END_ALLOW_THREADS
+            remove_queued(self, i);   /* q is gone from here on */
+            if (failed != NONE)
+                pid = 0;
+            else if (add_live(self, task, attempt, pid, pidfd, start, mono) < 0) {
+                /* it was killed: a failed launch, said as such (the exception is not raised) */
+                PyErr_Clear();
+                pid = 0, error = ENOMEM;
+            }
+            PyObject *item = Py_BuildValue("(iiidi)", task, attempt, (int)pid, start, pid ? 0 : error);
+            if (item == NULL || PyList_Append(launched, item) < 0) {
+                Py_XDECREF(item);
+                Py_DECREF(launched);
+                return NULL;
+            }
+            Py_DECREF(item);
+        } else {
+            remove_queued(self, i);
+        }
+    }
+    PyObject *out = PyList_AsTuple(launched);
+    Py_DECREF(launched);
+    return out;
+}
+
+static PyObject *Lane_reap(Lane *self, PyObject *unused)
+{
+    (void)unused;
+    struct epoll_event events[64];
+    int n = epoll_wait(self->epfd, events, 64, 0);
+    if (n < 0 && errno != EINTR)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    for (int e = 0; e < n; e++) {
+        Py_ssize_t i = 0;
+        while (i < self->nlive && self->live[i].pidfd != events[e].data.fd)
+            i++;
+        if (i == self->nlive)
+            continue;   /* taken since: not ours */
+        Live gone = remove_live(self, i);
+        int status = 0;
+        long long usec = 0;
+        pid_t got;
+        Py_BEGIN_ALLOW_THREADS
+        got = reap_task(gone.pid, gone.pidfd, &status, &usec);
+        Py_END_ALLOW_THREADS
+        if (got < 0) {
+            PyErr_SetFromErrno(PyExc_ChildProcessError);
+            Py_DECREF(out);
+            return NULL;
+        }
+        double end = clock_now(CLOCK_REALTIME);
+        int go = !self->stopped && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+        PyObject *launched = launch_behind(self, gone.task, go);
+        if (launched == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyObject *item = Py_BuildValue("(iiiidddN)", gone.task, gone.attempt, (int)gone.pid, status,
+                                       (double)usec / 1e6, gone.start, end, launched);
+        if (item == NULL || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return out;
+}
+
+static PyObject *Lane_take(Lane *self, PyObject *args)
+{
+    int task, attempt;
+    if (!PyArg_ParseTuple(args, "ii:take", &task, &attempt))
+        return NULL;
+    for (Py_ssize_t i = 0; i < self->nlive; i++)
+        if (self->live[i].task == task && self->live[i].attempt == attempt) {
+            Live gone = remove_live(self, i);
+            PyObject *dropped = launch_behind(self, task, 0);
+            if (dropped == NULL)
+                return NULL;
+            Py_DECREF(dropped);
+            return Py_BuildValue("(iidd)", (int)gone.pid, gone.pidfd, gone.start, gone.start_mono);
+        }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lane_running(Lane *self, PyObject *unused)
+{
+    (void)unused;
+    PyObject *out = PyList_New(self->nlive);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < self->nlive; i++) {
+        PyObject *item = Py_BuildValue("(iid)", self->live[i].task, self->live[i].attempt, self->live[i].start_mono);
+        if (item == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, item);
+    }
+    return out;
+}
+
+static PyObject *Lane_stop(Lane *self, PyObject *unused)
+{
+    (void)unused;
+    self->stopped = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lane_fileno(Lane *self, PyObject *unused)
+{
+    (void)unused;
+    return PyLong_FromLong(self->epfd);
+}
+
+static Py_ssize_t Lane_len(Lane *self)
+{
+    return self->nlive;
+}
+
+static PyMethodDef Lane_methods[] = {
+    {"start", (PyCFunction)Lane_start, METH_VARARGS, "start(task, attempt, program, argv, env, log) -> (pid, start)"},
+    {"queue", (PyCFunction)Lane_queue, METH_VARARGS, "queue(after, task, attempt, program, argv, env, log)"},
+    {"drop", (PyCFunction)Lane_drop, METH_VARARGS, "drop(task) -> bool"},
+    {"reap", (PyCFunction)Lane_reap, METH_NOARGS, "reap() -> [(task, attempt, pid, status, cpu, start, end, launched)]"},
+    {"take", (PyCFunction)Lane_take, METH_VARARGS, "take(task, attempt) -> (pid, pidfd, start, start_mono) or None"},
+    {"running", (PyCFunction)Lane_running, METH_NOARGS, "running() -> [(task, attempt, start_mono)]"},
+    {"stop", (PyCFunction)Lane_stop, METH_NOARGS, "stop(): nothing queued is launched any more"},
+    {"fileno", (PyCFunction)Lane_fileno, METH_NOARGS, "fileno() -> the epoll descriptor"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PySequenceMethods Lane_sequence = {.sq_length = (lenfunc)Lane_len};
+
+PyTypeObject LaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pilot._launch.Lane",
+    .tp_basicsize = sizeof(Lane),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Lane(stdin_fd): attempts started, watched and reaped in C (see native/lane.c).",
+    .tp_new = Lane_new,
+    .tp_dealloc = (destructor)Lane_dealloc,
+    .tp_methods = Lane_methods,
+    .tp_as_sequence = &Lane_sequence,
+};
