@@ -1,0 +1,204 @@
+"""The agent's lane (``pilot._launch.Lane``, native/lane.c): attempts launched, reaped and queued
+behind one another in C, with real processes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import time
+
+import pytest
+
+from pilot import spawn
+from pilot.agent import Agent
+from pilot.events import Failure, TaskFinished
+from pilot.protocol import ALL_TASKS, Kill, RunTask
+from pilot.runner import WatchConfig
+from tests.helpers import wait_for
+from tests.test_runner import open_fds
+
+pytestmark = pytest.mark.skipif(not spawn.native_usable(), reason="the lane needs the native launch")
+
+TRUE, SH, SLEEP = "/bin/true", "/bin/sh", "/bin/sleep"
+
+
+@pytest.fixture
+def lane():
+    return spawn.new_lane()
+
+
+def _reaped(lane, count: int, timeout: float = 10.0) -> list[tuple]:
+    """What ``lane.reap()`` gives until ``count`` attempts have ended."""
+    got: list[tuple] = []
+
+    def more():
+        select.select([lane], [], [], 0.05)
+        got.extend(lane.reap())
+        return len(got) >= count
+    wait_for(more, timeout, 0.0, f"{count} ends")
+    return got
+
+
+def test_an_attempt_is_launched_and_reaped_with_its_status_cpu_and_times(lane, tmp_path):
+    log = str(tmp_path / "one.log")
+    before = time.time()
+    pid, start = lane.start(7, 2, SH, ["sh", "-c", "echo out; echo err >&2; exit 3"], [], log)
+    assert len(lane) == 1 and [(t, a) for t, a, _ in lane.running()] == [(7, 2)]
+    [(task, attempt, reaped_pid, status, cpu, start2, end, launched)] = _reaped(lane, 1)
+    assert (task, attempt, reaped_pid, start2) == (7, 2, pid, start)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3
+    assert before <= start <= end <= time.time() and cpu >= 0.0 and launched == ()
+    assert open(log).read() == "out\nerr\n" and len(lane) == 0
+
+
+def test_what_is_queued_behind_an_attempt_starts_when_it_exits_0_in_queue_order(lane, tmp_path):
+    lane.start(1, 1, TRUE, ["true"], [], str(tmp_path / "1.log"))
+    for task in (2, 3):
+        lane.queue(1, task, 1, SH, ["sh", "-c", f"echo {task} >> {tmp_path / 'order'}"], [], str(tmp_path / f"{task}.log"))
+    first = _reaped(lane, 1)[0]
+    assert first[0] == 1 and first[3] == 0
+    assert [(t, a) for t, a, pid, _, error in first[7] if pid > 0 and error == 0] == [(2, 1), (3, 1)]
+    later = _reaped(lane, 2)
+    assert sorted(r[0] for r in later) == [2, 3] and all(r[3] == 0 for r in later)
+
+
+def test_nothing_queued_behind_a_failed_attempt_starts(lane, tmp_path):
+    marker = tmp_path / "ran"
+    lane.start(1, 1, SH, ["sh", "-c", "exit 1"], [], str(tmp_path / "1.log"))
+    lane.queue(1, 2, 1, "/usr/bin/touch", ["touch", str(marker)], [], str(tmp_path / "2.log"))
+    [ended] = _reaped(lane, 1)
+    assert ended[7] == () and len(lane) == 0
+    assert not lane.drop(2), "dropped with the failed attempt, not left to start later"
+    assert not marker.exists()
+
+
+def test_nothing_queued_starts_once_the_lane_stops(lane, tmp_path):
+    lane.start(1, 1, TRUE, ["true"], [], str(tmp_path / "1.log"))
+    lane.queue(1, 2, 1, TRUE, ["true"], [], str(tmp_path / "2.log"))
+    lane.stop()
+    assert _reaped(lane, 1)[0][7] == () and len(lane) == 0
+
+
+def test_a_dropped_task_does_not_start(lane, tmp_path):
+    lane.start(1, 1, TRUE, ["true"], [], str(tmp_path / "1.log"))
+    lane.queue(1, 2, 1, TRUE, ["true"], [], str(tmp_path / "2.log"))
+    lane.queue(1, 3, 1, TRUE, ["true"], [], str(tmp_path / "3.log"))
+    assert lane.drop(2) and not lane.drop(2)
+    assert [item[0] for item in _reaped(lane, 1)[0][7]] == [3]
+    _reaped(lane, 1)
+
+
+def test_a_queued_launch_that_fails_comes_back_with_its_errno(lane, tmp_path):
+    lane.start(1, 1, TRUE, ["true"], [], str(tmp_path / "1.log"))
+    lane.queue(1, 2, 1, str(tmp_path / "nowhere"), ["nowhere"], [], str(tmp_path / "2.log"))
+    [(task, attempt, pid, _, error)] = _reaped(lane, 1)[0][7]
+    assert (task, attempt, pid, error) == (2, 1, 0, errno.ENOENT) and len(lane) == 0
+
+
+def test_a_launch_that_fails_at_once_raises_and_leaves_nothing_open(lane, tmp_path):
+    fds = open_fds()
+    with pytest.raises(FileNotFoundError) as raised:
+        lane.start(1, 1, str(tmp_path / "nowhere"), ["nowhere"], [], str(tmp_path / "1.log"))
+    assert raised.value.filename == str(tmp_path / "nowhere")
+    with pytest.raises(OSError) as raised:
+        lane.start(1, 1, TRUE, ["true"], [], str(tmp_path / "no" / "1.log"))
+    assert raised.value.filename == str(tmp_path / "no" / "1.log")
+    with pytest.raises(ValueError):
+        lane.queue(0, 1, 1, TRUE, [], [], str(tmp_path / "1.log"))
+    assert len(lane) == 0 and open_fds() == fds
+
+
+def test_a_taken_attempt_leaves_with_its_pidfd_and_what_was_queued_behind_it_is_dropped(lane, tmp_path):
+    pid, start = lane.start(1, 1, SLEEP, ["sleep", "30"], [], str(tmp_path / "1.log"))
+    lane.queue(1, 2, 1, TRUE, ["true"], [], str(tmp_path / "2.log"))
+    assert lane.take(1, 2) is None   # another attempt
+    taken_pid, pidfd, taken_start, started_mono = lane.take(1, 1)
+    assert (taken_pid, taken_start) == (pid, start) and started_mono <= time.monotonic()
+    assert len(lane) == 0 and not lane.drop(2)
+    os.killpg(pid, signal.SIGKILL)
+    assert select.select([pidfd], [], [], 10)[0] == [pidfd]   # the pidfd is the caller's now
+    assert lane.reap() == []
+    os.waitpid(pid, 0)
+    os.close(pidfd)
+
+
+def test_ended_attempts_leave_no_descriptor_behind(lane, tmp_path):
+    fds = open_fds()
+    lane.start(0, 1, TRUE, ["true"], [], str(tmp_path / "0.log"))
+    for task in range(1, 50):
+        lane.queue(task - 1, task, 1, TRUE, ["true"], [], str(tmp_path / f"{task}.log"))
+    assert sorted(r[0] for r in _reaped(lane, 50)) == list(range(50))
+    assert open_fds() == fds
+
+
+# ---- the agent's use of it ----------------------------------------------------------
+
+
+def _run(tmp_path, task, command, after=-1, timeout=0.0) -> RunTask:
+    return RunTask(task, 1, 0, f"t{task}", "lbl", "n0", command, None, str(tmp_path / f"t{task}.log"),
+                   timeout, 100, 1, after)
+
+
+def _results(agent, sent, count):
+    def step():
+        if not agent.step():
+            agent.wait(0.05)
+        done = [m for m in sent if isinstance(m, TaskFinished)]
+        return done if len(done) >= count else None
+    return wait_for(step, 20, 0.0, f"{count} results")
+
+
+def test_an_agent_runs_plain_attempts_in_the_lane_and_one_with_a_timeout_in_a_runner(tmp_path):
+    sent = []
+    agent = Agent(sent.append, WatchConfig())
+    agent.handle(_run(tmp_path, 1, ["sleep", "30"]))
+    agent.handle(_run(tmp_path, 2, ["sleep", "30"], timeout=60.0))
+    agent.handle(_run(tmp_path, 3, ["true"], after=1))
+    try:
+        assert set(agent.fast) == {1} and list(agent.runners) == [(2, 1)] and agent.lane_queued == {3}
+        assert agent.running == 2
+    finally:
+        agent.kill(ALL_TASKS, 0, Failure.INTERRUPTED, hard=True)
+        agent.stop_seen = True
+    results = _results(agent, sent, 3)
+    assert sorted((r.task, r.failure) for r in results) == [(1, Failure.INTERRUPTED), (2, Failure.INTERRUPTED),
+                                                             (3, Failure.INTERRUPTED)]
+    assert not agent.busy and not agent.lane_queued and len(agent.lane) == 0
+
+
+def test_a_chain_queued_in_the_lane_runs_in_order_and_a_failure_stops_the_lane_starting_the_rest(tmp_path):
+    sent, order = [], tmp_path / "order"
+    agent = Agent(sent.append, WatchConfig())
+    agent.handle(_run(tmp_path, 1, ["sh", "-c", f"echo 1 >> {order}"]))
+    agent.handle(_run(tmp_path, 2, ["sh", "-c", f"echo 2 >> {order}; exit 4"], after=1))
+    agent.handle(_run(tmp_path, 3, ["sh", "-c", f"echo 3 >> {order}"], after=2))
+    results = _results(agent, sent, 3)
+    assert [(r.task, r.failure, r.exit_code) for r in results] == [(1, Failure.NONE, 0), (2, Failure.EXIT, 4),
+                                                                    (3, Failure.NONE, 0)]
+    assert order.read_text().split() == ["1", "2", "3"]   # 3 started from Python, after 2's report
+    assert all(r.start <= r.end for r in results) and results[1].end <= results[2].start
+    assert not agent.busy and not agent.unreported and not agent.lane_queued
+
+
+def test_a_long_attempt_leaves_the_lane_to_be_sampled_and_is_killed_over_its_memory(tmp_path):
+    sent = []
+    agent = Agent(sent.append, WatchConfig(sample_interval=0.1))
+    hog = ["python3", "-c", "import time; b = bytearray(300 << 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(60)"]
+    agent.handle(_run(tmp_path, 1, hog))
+    assert set(agent.fast) == {1}
+    [result] = _results(agent, sent, 1)
+    assert result.failure == Failure.OOM and result.peak_rss_mb > 100
+    assert not agent.fast and len(agent.lane) == 0
+
+
+def test_a_kill_takes_the_attempt_out_of_the_lane(tmp_path):
+    sent = []
+    agent = Agent(sent.append, WatchConfig(kill_grace=0.5))
+    agent.handle(_run(tmp_path, 1, ["sleep", "30"]))
+    agent.handle(_run(tmp_path, 2, ["true"], after=1))
+    agent.handle(Kill(1, 1, Failure.TIMEOUT))
+    assert not agent.fast and list(agent.runners) == [(1, 1)] and not agent.lane_queued
+    results = _results(agent, sent, 2)
+    assert [(r.task, r.failure) for r in results] == [(1, Failure.TIMEOUT), (2, Failure.NONE)]
