@@ -39,18 +39,21 @@ typedef struct {
 } Live;
 
 typedef struct {
-    int after, task, attempt;
+    int task, attempt;
     Prepared args;
-} Queued;
+} Queued;   /* held by a capsule, which releases it */
 
 typedef struct {
     PyObject_HEAD
     int epfd, stdin_fd, stopped;
     Live *live;
     Py_ssize_t nlive, cap_live;
-    Queued *queued;
-    Py_ssize_t nqueued, cap_queued;
+    /* Queued launches by the task they wait for, {after: [capsule, ...]} in queue order, and
+     * {task: after}: a lookup each, however many are queued (a node may queue one per core). */
+    PyObject *behind, *after_of;
 } Lane;
+
+static const char QUEUED[] = "pilot._launch.Queued";
 
 static double clock_now(clockid_t clock)
 {
@@ -84,6 +87,13 @@ static PyObject *Lane_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (self == NULL)
         return NULL;
     self->stdin_fd = stdin_fd;
+    self->epfd = -1;   /* closed by dealloc only once opened */
+    self->behind = PyDict_New();
+    self->after_of = PyDict_New();
+    if (self->behind == NULL || self->after_of == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
     if ((self->epfd = epoll_create1(EPOLL_CLOEXEC)) < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         Py_DECREF(self);
@@ -98,10 +108,9 @@ static void Lane_dealloc(Lane *self)
      * for any more, but their descriptors must not leak. */
     for (Py_ssize_t i = 0; i < self->nlive; i++)
         close(self->live[i].pidfd);
-    for (Py_ssize_t i = 0; i < self->nqueued; i++)
-        release(&self->queued[i].args);
+    Py_CLEAR(self->behind);
+    Py_CLEAR(self->after_of);
     PyMem_Free(self->live);
-    PyMem_Free(self->queued);
     if (self->epfd >= 0)
         close(self->epfd);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -137,11 +146,11 @@ static Live remove_live(Lane *self, Py_ssize_t i)
     return gone;
 }
 
-static void remove_queued(Lane *self, Py_ssize_t i)
+static void free_queued(PyObject *capsule)
 {
-    release(&self->queued[i].args);
-    memmove(&self->queued[i], &self->queued[i + 1], (size_t)(self->nqueued - i - 1) * sizeof(Queued));
-    self->nqueued--;
+    Queued *q = PyCapsule_GetPointer(capsule, QUEUED);
+    release(&q->args);
+    PyMem_Free(q);
 }
 
 static PyObject *Lane_start(Lane *self, PyObject *args)
@@ -169,17 +178,37 @@ static PyObject *Lane_start(Lane *self, PyObject *args)
 
 static PyObject *Lane_queue(Lane *self, PyObject *args)
 {
-    PyObject *program, *argv, *env, *log;
+    PyObject *program, *argv, *env, *log, *after_obj, *task_obj, *capsule, *list;
     int after, task, attempt;
     if (!PyArg_ParseTuple(args, "iiiOOOO:queue", &after, &task, &attempt, &program, &argv, &env, &log))
         return NULL;
-    if (grow((void **)&self->queued, &self->cap_queued, self->nqueued, sizeof(Queued)) < 0)
+    Queued *q = PyMem_Malloc(sizeof(Queued));
+    if (q == NULL)
+        return PyErr_NoMemory();
+    if (prepare(program, argv, env, log, &q->args) < 0) {
+        PyMem_Free(q);
         return NULL;
-    Queued *q = &self->queued[self->nqueued];
-    if (prepare(program, argv, env, log, &q->args) < 0)
+    }
+    q->task = task, q->attempt = attempt;
+    if ((capsule = PyCapsule_New(q, QUEUED, free_queued)) == NULL) {
+        release(&q->args);
+        PyMem_Free(q);
         return NULL;
-    q->after = after, q->task = task, q->attempt = attempt;
-    self->nqueued++;
+    }
+    after_obj = PyLong_FromLong(after);
+    task_obj = PyLong_FromLong(task);
+    int failed = after_obj == NULL || task_obj == NULL;
+    if (!failed && (list = PyDict_GetItemWithError(self->behind, after_obj)) == NULL) {
+        failed = PyErr_Occurred() || (list = PyList_New(0)) == NULL ||
+                 PyDict_SetItem(self->behind, after_obj, list) < 0;
+        Py_XDECREF(list);   /* the dict holds it */
+    }
+    failed = failed || PyList_Append(list, capsule) < 0 || PyDict_SetItem(self->after_of, task_obj, after_obj) < 0;
+    Py_XDECREF(after_obj);
+    Py_XDECREF(task_obj);
+    Py_DECREF(capsule);
+    if (failed)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -188,57 +217,93 @@ static PyObject *Lane_drop(Lane *self, PyObject *args)
     int task;
     if (!PyArg_ParseTuple(args, "i:drop", &task))
         return NULL;
-    for (Py_ssize_t i = 0; i < self->nqueued; i++)
-        if (self->queued[i].task == task) {
-            remove_queued(self, i);
-            Py_RETURN_TRUE;
+    PyObject *task_obj = PyLong_FromLong(task);
+    if (task_obj == NULL)
+        return NULL;
+    PyObject *after_obj = PyDict_GetItemWithError(self->after_of, task_obj);   /* borrowed */
+    PyObject *list = after_obj ? PyDict_GetItemWithError(self->behind, after_obj) : NULL;
+    if (list == NULL) {
+        Py_DECREF(task_obj);
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_FALSE;
+    }
+    Py_INCREF(after_obj);
+    int failed = PyDict_DelItem(self->after_of, task_obj) < 0;
+    for (Py_ssize_t i = 0; !failed && i < PyList_GET_SIZE(list); i++)
+        if (((Queued *)PyCapsule_GetPointer(PyList_GET_ITEM(list, i), QUEUED))->task == task) {
+            failed = PySequence_DelItem(list, i) < 0;
+            break;
         }
-    Py_RETURN_FALSE;
+    if (!failed && PyList_GET_SIZE(list) == 0)
+        failed = PyDict_DelItem(self->behind, after_obj) < 0;
+    Py_DECREF(after_obj);
+    Py_DECREF(task_obj);
+    if (failed)
+        return NULL;
+    Py_RETURN_TRUE;
 }
 
-/* Launch (if `go`) or drop, in the order they were queued, what waited for task `after`; a
+/* Launch one queued attempt (as start() does); what reap() says of it, or NULL. */
+static PyObject *launch_queued(Lane *self, Queued *q)
+{
+    int pidfd = -1, error = 0;
+    pid_t pid = 0;
+    double start = clock_now(CLOCK_REALTIME), mono = clock_now(CLOCK_MONOTONIC);
+    enum failure failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = spawn_task(q->args.program, q->args.argv, q->args.env, q->args.log, self->stdin_fd,
+                        &pid, &pidfd, &error);
+    Py_END_ALLOW_THREADS
+    if (failed != NONE) {
+        pid = 0;
+    } else if (add_live(self, q->task, q->attempt, pid, pidfd, start, mono) < 0) {
+        /* killed and waited for: said as a failed launch (the exception is not raised) */
+        PyErr_Clear();
+        pid = 0, error = ENOMEM;
+    }
+    return Py_BuildValue("(iiidi)", q->task, q->attempt, (int)pid, start, pid ? 0 : error);
+}
+
+/* Launch (if `go`) or drop, in the order they were queued, what waited for task `after`: a
  * tuple of what was launched or failed to, or NULL with an exception set. */
 static PyObject *launch_behind(Lane *self, int after, int go)
 {
-    PyObject *launched = PyList_New(0);
-    if (launched == NULL)
+    PyObject *after_obj = PyLong_FromLong(after), *list = NULL, *out = NULL;
+    if (after_obj == NULL)
         return NULL;
-    for (Py_ssize_t i = 0; i < self->nqueued;) {
-        Queued *q = &self->queued[i];
-        if (q->after != after) {
-            i++;
-            continue;
+    list = PyDict_GetItemWithError(self->behind, after_obj);
+    if (list == NULL) {
+        Py_DECREF(after_obj);
+        return PyErr_Occurred() ? NULL : PyTuple_New(0);
+    }
+    Py_INCREF(list);
+    if (PyDict_DelItem(self->behind, after_obj) < 0)
+        goto done;
+    Py_ssize_t n = PyList_GET_SIZE(list);
+    if ((out = PyTuple_New(go ? n : 0)) == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Queued *q = PyCapsule_GetPointer(PyList_GET_ITEM(list, i), QUEUED);
+        PyObject *task_obj = PyLong_FromLong(q->task);
+        if (task_obj == NULL || PyDict_DelItem(self->after_of, task_obj) < 0) {
+            Py_XDECREF(task_obj);
+            Py_CLEAR(out);
+            goto done;
         }
+        Py_DECREF(task_obj);
         if (go) {
-            int pidfd = -1, error = 0, task = q->task, attempt = q->attempt;
-            pid_t pid = 0;
-            double start = clock_now(CLOCK_REALTIME), mono = clock_now(CLOCK_MONOTONIC);
-            enum failure failed;
-            Py_BEGIN_ALLOW_THREADS
-            failed = spawn_task(q->args.program, q->args.argv, q->args.env, q->args.log,
-                                self->stdin_fd, &pid, &pidfd, &error);
-            Py_END_ALLOW_THREADS
-            remove_queued(self, i);   /* q is gone from here on */
-            if (failed != NONE)
-                pid = 0;
-            else if (add_live(self, task, attempt, pid, pidfd, start, mono) < 0) {
-                /* it was killed: a failed launch, said as such (the exception is not raised) */
-                PyErr_Clear();
-                pid = 0, error = ENOMEM;
+            PyObject *item = launch_queued(self, q);
+            if (item == NULL) {
+                Py_CLEAR(out);
+                goto done;
             }
-            PyObject *item = Py_BuildValue("(iiidi)", task, attempt, (int)pid, start, pid ? 0 : error);
-            if (item == NULL || PyList_Append(launched, item) < 0) {
-                Py_XDECREF(item);
-                Py_DECREF(launched);
-                return NULL;
-            }
-            Py_DECREF(item);
-        } else {
-            remove_queued(self, i);
+            PyTuple_SET_ITEM(out, i, item);
         }
     }
-    PyObject *out = PyList_AsTuple(launched);
-    Py_DECREF(launched);
+done:
+    Py_DECREF(after_obj);
+    Py_DECREF(list);   /* the capsules go with it, and release what they held */
     return out;
 }
 
