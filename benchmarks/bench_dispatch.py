@@ -15,6 +15,9 @@ goal being >= 0.9. The same ratio is
 also printed round by round (each round's loops run within seconds of each other, so a round's
 ratio drifts less with the machine's load than the medians of whole runs do).
 
+``--without-lane`` adds, each round, the pilot with ``PILOT_LANE=0`` (the agents run every attempt
+in a Python Runner instead of their lane, native/lane.c) and prints both side by side.
+
 CPU per task, steadier than rates on a busy machine, is split into the launcher's own (the
 loop; for the pilot every rank and mpiexec, less what a one-task run costs, i.e. start-up) and
 the tasks' (the `true` processes: from wait4 for the pilot, from RUSAGE_CHILDREN for the loops).
@@ -139,7 +142,7 @@ PILOT_OPTIONS: list[str] = []   # more `pilot run` options (--pilot-option)
 SHARED_NODE = False   # --shared-node: the agents are ranks of one node of `cores` cores
 
 
-def pilot_run(folder: Path, tasks: int, agents: int, cores: int, command=("true",)):
+def pilot_run(folder: Path, tasks: int, agents: int, cores: int, command=("true",), env=None):
     """Run the pilot on ``tasks`` tasks in ``folder``; (window tasks/s, CPU s of every rank
     and mpiexec, CPU s of the tasks (from the checkpoint's per-attempt records), CPU s of
     each rank as it logs it)."""
@@ -155,7 +158,7 @@ def pilot_run(folder: Path, tasks: int, agents: int, cores: int, command=("true"
            "pilot.cli", "run", str(wf), "--checkpoint", str(folder / "ckpt.h5"), *nodes,
            "--node-memory", "1000", "--node-cores", str(cores), *PILOT_OPTIONS]
     kids0 = cpu_split()[1]
-    proc = subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env={**mpi_env(), **(env or {})}, capture_output=True, text=True)
     everything = cpu_split()[1] - kids0
     if proc.returncode != 0:
         sys.exit(f"pilot run failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -173,10 +176,10 @@ def rank_cpu(log: str) -> list[float]:
     return [found[r] for r in sorted(found)]
 
 
-def pilot_figures(folder: Path, tasks: int, agents: int, cores: int) -> Figures:
+def pilot_figures(folder: Path, tasks: int, agents: int, cores: int, env=None) -> Figures:
     """The pilot's window rate; its own CPU per task with the start-up (a one-task run) taken out."""
-    rate, own, tasks_cpu, ranks = pilot_run(folder / "many", tasks, agents, cores)
-    _, own_one, _, ranks_one = pilot_run(folder / "one", 1, agents, cores)
+    rate, own, tasks_cpu, ranks = pilot_run(folder / "many", tasks, agents, cores, env=env)
+    _, own_one, _, ranks_one = pilot_run(folder / "one", 1, agents, cores, env=env)
     return Figures(rate, 1e3 * (own - own_one) / (tasks - 1), 1e3 * tasks_cpu / tasks,
                    tuple(1e6 * (a - b) / (tasks - 1) for a, b in zip(ranks, ranks_one)))
 
@@ -208,7 +211,9 @@ def slot_gap_run(tasks: int, agents: int, cores: int) -> None:
 
 
 BARE = ("bare Popen", "bare posix_spawn", "bare fork_exec", "bare native")   # the ratio is against the fastest
-LOOPS = (*BARE, "bare Popen + logs", "bare posix_spawn + logs", "bare native + logs", "pilot")
+LOOPS = [*BARE, "bare Popen + logs", "bare posix_spawn + logs", "bare native + logs", "pilot"]
+NO_LANE = "pilot, no lane"   # --without-lane: the agents' attempts all in Python Runners (PILOT_LANE=0)
+PILOTS = ["pilot"]
 
 
 def one_round(folder: Path, tasks: int, agents: int, cores: int) -> dict[str, Figures]:
@@ -223,6 +228,8 @@ def one_round(folder: Path, tasks: int, agents: int, cores: int) -> dict[str, Fi
         "bare posix_spawn + logs": bare_loop(tasks, concurrency, "posix", folder / "posix.logs"),
         "bare native + logs": bare_loop(tasks, concurrency, "native", folder / "native.logs"),
         "pilot": pilot_figures(folder, tasks, agents, cores),
+        **({NO_LANE: pilot_figures(folder / "no-lane", tasks, agents, cores, {"PILOT_LANE": "0"})}
+           if NO_LANE in LOOPS else {}),
     }
 
 
@@ -254,12 +261,20 @@ def report(rounds: list[dict[str, Figures]], args) -> None:
         per_round = ", ".join(f"{r[name].rate:.0f}" for r in rounds)
         print(f"{name:24s} {f.rate:8.0f} {f.rate / fastest_bare:6.2f}  {f.own_ms:9.3f} ms  {f.tasks_ms:11.3f} ms  "
               f"{per_round}")
-    by_rank = [statistics.median(r["pilot"].ranks_us[k] for r in rounds) for k in range(len(rounds[0]["pilot"].ranks_us))]
-    print(f"pilot CPU per task by rank (start-up out): rank 0 {by_rank[0]:.0f} us, agent ranks "
-          f"{', '.join(f'{x:.0f}' for x in by_rank[1:])} us")
-    paired = sorted(r["pilot"].rate / max(r[n].rate for n in BARE) for r in rounds)
-    print(f"pilot / fastest bare loop, round by round: {', '.join(f'{x:.2f}' for x in paired)} "
-          f"(median {statistics.median(paired):.2f})")
+    for pilot in PILOTS:
+        by_rank = [statistics.median(r[pilot].ranks_us[k] for r in rounds) for k in range(len(rounds[0][pilot].ranks_us))]
+        print(f"{pilot} CPU per task by rank (start-up out): rank 0 {by_rank[0]:.0f} us, agent ranks "
+              f"{', '.join(f'{x:.0f}' for x in by_rank[1:])} us")
+    for pilot in PILOTS:
+        paired = sorted(r[pilot].rate / max(r[n].rate for n in BARE) for r in rounds)
+        print(f"{pilot} / fastest bare loop, round by round: {', '.join(f'{x:.2f}' for x in paired)} "
+              f"(median {statistics.median(paired):.2f})")
+    if NO_LANE in PILOTS:
+        paired = sorted(r["pilot"].rate / r[NO_LANE].rate for r in rounds)
+        agents = [sum(r["pilot"].ranks_us[1:]) / sum(r[NO_LANE].ranks_us[1:]) for r in rounds]
+        print(f"pilot / pilot without its lane, round by round: {', '.join(f'{x:.2f}' for x in paired)} "
+              f"(median {statistics.median(paired):.2f}); agents' CPU per task, with / without: "
+              f"median {statistics.median(agents):.2f}")
     print("ratio: against the fastest bare loop without logs (the goal is pilot >= 0.9). Own CPU: the loop, "
           "or all pilot ranks less a one-task run's (start-up); tasks CPU: the `true` processes.")
 
@@ -275,6 +290,8 @@ def main() -> None:
                         "system's temporary folder; /dev/shm takes the file system out of the figures)")
     parser.add_argument("--pilot-option", action="append", default=[], metavar="OPT",
                         help="pass OPT to `pilot run` (repeat; e.g. --pilot-option=--queue-ahead=0)")
+    parser.add_argument("--without-lane", action="store_true", help="each round also runs the pilot with "
+                        "PILOT_LANE=0 (every attempt in a Python Runner), to measure the agents' lane")
     parser.add_argument("--shared-node", action="store_true", help="the agents are ranks of one node of "
                         "--cores cores (as several agent ranks per node under srun), not a node each")
     args = parser.parse_args()
@@ -283,6 +300,9 @@ def main() -> None:
     if not native_usable():
         sys.exit("pilot._launch is not built or not usable here (scripts/setup.sh builds it)")
     PILOT_OPTIONS.extend(args.pilot_option)
+    if args.without_lane:
+        LOOPS.append(NO_LANE)
+        PILOTS.append(NO_LANE)
     global SHARED_NODE
     SHARED_NODE = args.shared_node
     if args.dir:

@@ -62,8 +62,11 @@ def launch_native(argv: list[str], entries: list[bytes], log: str, path: bytes |
 
 def new_lane():
     """A ``pilot._launch.Lane`` (see native/lane.c) launching as :func:`launch_native` does;
-    None where the native launch is not used."""
-    return _launch.Lane(_devnull()) if native_usable() else None
+    None where the native launch is not used, or with ``PILOT_LANE=0`` (every attempt in a
+    Python ``Runner``, as ``benchmarks/bench_dispatch.py --without-lane`` compares)."""
+    if not native_usable() or os.environ.get("PILOT_LANE", "1") == "0":
+        return None
+    return _launch.Lane(_devnull())
 
 
 def reap(pid: int, pidfd: int) -> tuple[int, float]:

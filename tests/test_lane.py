@@ -202,3 +202,14 @@ def test_a_kill_takes_the_attempt_out_of_the_lane(tmp_path):
     assert not agent.fast and list(agent.runners) == [(1, 1)] and not agent.lane_queued
     results = _results(agent, sent, 2)
     assert [(r.task, r.failure) for r in results] == [(1, Failure.TIMEOUT), (2, Failure.NONE)]
+
+
+def test_without_the_lane_every_attempt_runs_in_a_runner(tmp_path, monkeypatch):
+    monkeypatch.setenv("PILOT_LANE", "0")
+    sent = []
+    agent = Agent(sent.append, WatchConfig())
+    assert agent.lane is None
+    agent.handle(_run(tmp_path, 1, ["true"]))
+    agent.handle(_run(tmp_path, 2, ["true"], after=1))
+    assert list(agent.runners) == [(1, 1)] and not agent.fast
+    assert [(r.task, r.failure) for r in _results(agent, sent, 2)] == [(1, Failure.NONE), (2, Failure.NONE)]
