@@ -195,6 +195,7 @@ class Agent:
 
     def _begin(self, run: RunTask) -> None:
         """Start ``run``, or report it interrupted if the run is stopping."""
+        self._lane_drop(run.task)   # started or given back from here: the lane must not launch it
         if self.stop_seen or self.stopped:
             self._send_result(_not_started(run))
         else:
@@ -202,7 +203,6 @@ class Agent:
 
     def _start(self, run: RunTask) -> None:
         self.unreported.add(run.task)
-        self._lane_drop(run.task)   # started now: the lane must not launch it again
         if self.lane is not None and run.task not in self.fast and self._lane_start(run):
             return
         runner = Runner(run, self.watch)
