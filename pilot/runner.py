@@ -271,12 +271,17 @@ def lane_args(run: RunTask) -> tuple[str, list[str], list[bytes], str] | None:
     log; the log's folder made), or None for an attempt the lane does not run: one with a
     timeout or in LSST warm mode (a :class:`Runner` watches those). Raises as a launch would
     (OSError, ValueError) when it cannot be launched."""
-    if run.timeout or (run.env and run.env.get("PILOT_LSST_MODE") == "warm"):
+    if run.timeout or _warm(run):
         return None
     _make_dir(run.log.rpartition("/")[0])
     entries, path = _task_env_entries(run)
     argv = argv_of(run.command)
     return program_of(argv, path), argv, entries, run.log
+
+
+def _warm(run: RunTask) -> bool:
+    """Whether ``run`` is a quantum of an LSST warm server (see pilot/lsst/warm.py)."""
+    return bool(run.env) and run.env.get("PILOT_LSST_MODE") == "warm"
 
 
 _made_dirs: set[str] = set()
@@ -345,7 +350,7 @@ class Runner:
         """Launch the attempt: the pid of a child of this process, and its pidfd."""
         run = self.run
         _make_dir(run.log.rpartition("/")[0])
-        if run.env and run.env.get("PILOT_LSST_MODE") == "warm":
+        if _warm(run):
             from pilot.lsst.warm import spawn as warm_spawn
 
             pid = warm_spawn(run.command, run.log, task_env(run)).pid

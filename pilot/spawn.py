@@ -16,6 +16,10 @@ Two ways to start it, the same for the task:
   gets SIGKILL if the agent dies first (a parent-death signal). Used where it was built and the
   kernel has ``close_range`` (Linux >= 5.11), unless ``PILOT_NATIVE_LAUNCH=0``.
 - ``os.posix_spawn``, with the mask emptied in the child, and ``os.wait4``.
+
+An agent runs most attempts in a ``pilot._launch.Lane`` (:func:`new_lane`, native/lane.c): the
+same launch and reaping, with what is queued behind an attempt launched in the call that reaps
+it (see pilot/agent.py).
 """
 
 from __future__ import annotations
