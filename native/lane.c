@@ -153,26 +153,41 @@ static void free_queued(PyObject *capsule)
     PyMem_Free(q);
 }
 
+/* Launch `p` as attempt (task, attempt) and watch it: NONE, a spawn_task failure (its errno in
+ * *error, no exception set), or -1 when it could not be watched (it was killed and waited for;
+ * an exception is set). *start is the wall-clock time of the launch. */
+static int launch_live(Lane *self, int task, int attempt, const Prepared *p, pid_t *pid, double *start,
+                       int *error)
+{
+    int pidfd = -1;
+    enum failure failed;
+    *start = clock_now(CLOCK_REALTIME);
+    double mono = clock_now(CLOCK_MONOTONIC);
+    Py_BEGIN_ALLOW_THREADS
+    failed = spawn_task(p->program, p->argv, p->env, p->log, self->stdin_fd, pid, &pidfd, error);
+    Py_END_ALLOW_THREADS
+    if (failed != NONE)
+        return failed;
+    return add_live(self, task, attempt, *pid, pidfd, *start, mono);
+}
+
 static PyObject *Lane_start(Lane *self, PyObject *args)
 {
     PyObject *program, *argv, *env, *log;
-    int task, attempt, pidfd, error;
-    pid_t pid;
+    int task, attempt, error = 0;
+    pid_t pid = 0;
+    double start;
     Prepared p;
     if (!PyArg_ParseTuple(args, "iiOOOO:start", &task, &attempt, &program, &argv, &env, &log))
         return NULL;
     if (prepare(program, argv, env, log, &p) < 0)
         return NULL;
-    double start = clock_now(CLOCK_REALTIME), mono = clock_now(CLOCK_MONOTONIC);
-    enum failure failed;
-    Py_BEGIN_ALLOW_THREADS
-    failed = spawn_task(p.program, p.argv, p.env, p.log, self->stdin_fd, &pid, &pidfd, &error);
-    Py_END_ALLOW_THREADS
+    int status = launch_live(self, task, attempt, &p, &pid, &start, &error);
     release(&p);
-    if (failed != NONE)
-        return spawn_error(failed, error, program, log);
-    if (add_live(self, task, attempt, pid, pidfd, start, mono) < 0)
+    if (status < 0)
         return NULL;
+    if (status != NONE)
+        return spawn_error((enum failure)status, error, program, log);
     return Py_BuildValue("(id)", (int)pid, start);
 }
 
@@ -247,22 +262,17 @@ static PyObject *Lane_drop(Lane *self, PyObject *args)
 /* Launch one queued attempt (as start() does); what reap() says of it, or NULL. */
 static PyObject *launch_queued(Lane *self, Queued *q)
 {
-    int pidfd = -1, error = 0;
+    int error = 0;
     pid_t pid = 0;
-    double start = clock_now(CLOCK_REALTIME), mono = clock_now(CLOCK_MONOTONIC);
-    enum failure failed;
-    Py_BEGIN_ALLOW_THREADS
-    failed = spawn_task(q->args.program, q->args.argv, q->args.env, q->args.log, self->stdin_fd,
-                        &pid, &pidfd, &error);
-    Py_END_ALLOW_THREADS
-    if (failed != NONE) {
-        pid = 0;
-    } else if (add_live(self, q->task, q->attempt, pid, pidfd, start, mono) < 0) {
+    double start;
+    int status = launch_live(self, q->task, q->attempt, &q->args, &pid, &start, &error);
+    if (status < 0) {
         /* killed and waited for: said as a failed launch (the exception is not raised) */
         PyErr_Clear();
-        pid = 0, error = ENOMEM;
+        error = ENOMEM;
     }
-    return Py_BuildValue("(iiidi)", q->task, q->attempt, (int)pid, start, pid ? 0 : error);
+    return Py_BuildValue("(iiidi)", q->task, q->attempt, status == NONE ? (int)pid : 0, start,
+                         status == NONE ? 0 : error);
 }
 
 /* Launch (if `go`) or drop, in the order they were queued, what waited for task `after`: a
