@@ -232,11 +232,11 @@ class Agent:
     def _lane_start(self, run: RunTask) -> bool:
         """Launch ``run`` in the lane; False if the lane does not take it (a Runner launches it,
         and reports a launch error)."""
-        oom_before = nodes.recent_oom_kill_count(OOM_READ_MAX_AGE)
         try:
             args = lane_args(run)
             if args is None:
                 return False
+            oom_before = nodes.recent_oom_kill_count(OOM_READ_MAX_AGE)   # read before the launch
             pid, start = self.lane.start(run.task, run.attempt, *args)
         except (OSError, ValueError):
             return False
@@ -277,14 +277,8 @@ class Agent:
                 runner = Runner.adopted(run, self.watch, pid, -1, start, 0.0, oom_before)
                 self._report(runner.classify(status, cpu_s), now)   # what waits behind it starts from here
                 continue
-            self.send(new_task_finished(task, attempt, run.node, Failure.NONE, 0, None, start, end, 0.0,
-                                        cpu_s, run.log))
-            self.unreported.discard(task)
-            behind = self.waiting.pop(task, ())
-            if not behind:
-                self.urgent = True
-            for queued in behind:
-                self._after_lane_end(queued, launched)
+            self._send_result(new_task_finished(task, attempt, run.node, Failure.NONE, 0, None, start, end,
+                                                0.0, cpu_s, run.log), launched)
         return bool(ended)
 
     def _after_lane_end(self, run: RunTask, launched: tuple) -> None:
@@ -373,15 +367,19 @@ class Agent:
                 return
         self._send_result(result)
 
-    def _send_result(self, result: TaskFinished) -> None:
-        """Report an ended attempt, then begin what was queued behind it."""
+    def _send_result(self, result: TaskFinished, launched: tuple | None = None) -> None:
+        """Report an ended attempt, then begin what was queued behind it (``launched``: what the
+        lane launched behind it as it reaped it)."""
         self.send(result)
         self.unreported.discard(result.task)
         behind = self.waiting.pop(result.task, ())
         if not behind:
             self.urgent = True   # its slot is free for rank 0 to fill
         for run in behind:
-            self._begin(run)
+            if launched is None:
+                self._begin(run)
+            else:
+                self._after_lane_end(run, launched)
 
     def _release_held(self, now: float) -> bool:
         if not self.held:
