@@ -22,7 +22,7 @@ if [ ! -x .venv-lsst/bin/python ]; then
     "$(find_python)" -m venv .venv-lsst
 fi
 stamp=.venv-lsst/.pilot-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] || [ native/launch.c -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml setup.py native -newer "$stamp" 2>/dev/null)" ]; then
     .venv-lsst/bin/pip install --quiet --disable-pip-version-check --upgrade pip
     .venv-lsst/bin/pip install --quiet --disable-pip-version-check -e '.[test,mpich,lsst]'
     touch "$stamp"

@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.pilot-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] || [ native/launch.c -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml setup.py native -newer "$stamp" 2>/dev/null)" ]; then
     .venv/bin/pip install --quiet --disable-pip-version-check --upgrade pip
     .venv/bin/pip install --quiet --disable-pip-version-check -e '.[test,mpich]'
     touch "$stamp"
