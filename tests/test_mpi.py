@@ -108,15 +108,17 @@ def _task_pids(folder: Path) -> list[int]:
     return [int(n) for p in folder.glob("*.marker") for n in p.read_text().split() if int(n) > 0]
 
 
-def _sigterm_when(ranks: int, wf: Path, tmp_path: Path, node: list[str], ready, timeout: float, what: str):
-    """Run the pilot and SIGTERM it once ``ready()`` returns something; (exit code, stderr,
-    seconds from the signal to the exit, what ``ready()`` returned)."""
+def _sigterm_when(ranks: int, wf: Path, tmp_path: Path, node: list[str], ready, timeout: float, what: str,
+                  signum: int = signal.SIGTERM, cmd: list[str] | None = None, env: dict | None = None):
+    """Run the pilot (``cmd`` under ``env``, else :func:`pilot_cmd` under MPICH) and send it
+    ``signum`` once ``ready()`` returns something; (exit code, stderr, seconds from the signal
+    to the exit, what ``ready()`` returned)."""
     before = shm_segments()
-    proc = subprocess.Popen(pilot_cmd(ranks, wf, tmp_path, *node), cwd=ROOT, env=mpi_env(),
+    proc = subprocess.Popen(cmd or pilot_cmd(ranks, wf, tmp_path, *node), cwd=ROOT, env=env or mpi_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         got = wait_for(ready, timeout, what=what)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         sent = time.monotonic()
         _, err = proc.communicate(timeout=30)
         return proc.returncode, err, time.monotonic() - sent, got

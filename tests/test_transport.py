@@ -178,7 +178,8 @@ def run_local(name: str, size: int):
 
 
 def shm_segments() -> set[str]:
-    return {p.name for p in Path("/dev/shm").glob("mpich_shm_*")}
+    """Shared-memory files of MPI jobs: MPICH's, and Open MPI's (tests/test_openmpi.py)."""
+    return {p.name for pattern in ("mpich_shm_*", "sm_segment.*") for p in Path("/dev/shm").glob(pattern)}
 
 
 def mapped_anywhere(name: str) -> bool:
@@ -192,7 +193,7 @@ def mapped_anywhere(name: str) -> bool:
 
 
 def cleanup_shm(before: set[str]) -> list[str]:
-    """Remove MPICH segments that appeared since ``before`` and that no live process maps
+    """Remove MPI segments that appeared since ``before`` and that no live process maps
     (what a killed or aborted job of ours left behind); the names removed."""
     removed = []
     for name in sorted(shm_segments() - before):
