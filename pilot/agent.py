@@ -22,8 +22,8 @@ probes MPI only when its doorbell rang, or now and then (:class:`Prober`). Besid
 quarter of ``pilot run --agent-timeout`` an agent sends ``Alive``: rank 0 takes an agent rank
 it hears nothing from for that long for hung (see :meth:`pilot.master.Master._check_liveness`).
 
-The lane: where tasks start natively, an attempt without a timeout (and not LSST warm mode)
-runs in ``pilot._launch.Lane`` (native/lane.c), which launches it, watches its pidfd and reaps
+The lane: where tasks start natively, an attempt (not LSST warm mode, and without a timeout or
+with one over ``LANE_TIMEOUT_SAMPLES`` memory intervals) runs in ``pilot._launch.Lane`` (native/lane.c), which launches it, watches its pidfd and reaps
 it in C, and launches a ``RunTask`` queued behind it in the same call when it exits 0: a short
 task then costs the agent's Python its result and little else. Whatever needs more than that
 takes the attempt out of the lane into a :class:`~pilot.runner.Runner` first (a kill, a
@@ -58,6 +58,10 @@ STOP_HOLD_S = 1.0    # how long a result killed by SIGTERM/SIGINT/SIGUSR1 waits 
 IDLE_POLL_S = 0.25   # how often an idle loop looks at signals (the transport sleeps in between)
 STARTED_DELAY_S = 0.05   # a start is reported at the latest this long after it happened
 ALIVE_INTERVAL_S = 30.0  # an agent says it is alive this often (`pilot run --agent-timeout` / 4)
+# An attempt with a timeout runs in the lane only when the timeout is over this many memory
+# intervals: it leaves the lane for a Runner, which watches its time, at its first sample,
+# within two intervals of its start (samples come every interval) plus the loop's delay.
+LANE_TIMEOUT_SAMPLES = 4
 REPORT_HOLD_S = 0.005   # reports that free no slot wait at most this long (half rank 0's PACE_S)
 RING_WINDOW_S = 0.005   # after a ring, a busy agent probes on every turn this long (see Prober)
 
@@ -102,6 +106,7 @@ class Agent:
         self.urgent = False
         self._starts_due = 0.0
         self._next_sample = 0.0
+        self._lane_timeout_floor = LANE_TIMEOUT_SAMPLES * watch.sample_interval
         # Per loop turn the cost follows what happened, not how many attempts run (a node may
         # run hundreds): ended attempts come from one epoll of their pidfds, and only attempts
         # with a timeout or a kill in progress are looked at for time.
@@ -233,7 +238,7 @@ class Agent:
         """Launch ``run`` in the lane; False if the lane does not take it (a Runner launches it,
         and reports a launch error)."""
         try:
-            args = lane_args(run)
+            args = lane_args(run, self._lane_timeout_floor)
             if args is None:
                 return False
             oom_before = nodes.recent_oom_kill_count(OOM_READ_MAX_AGE)   # read before the launch
@@ -253,7 +258,7 @@ class Agent:
     def _lane_queue(self, run: RunTask) -> None:
         """Have the lane launch ``run`` as soon as the attempt it waits for exits 0."""
         try:
-            args = lane_args(run)
+            args = lane_args(run, self._lane_timeout_floor)
         except (OSError, ValueError):
             return   # the Runner that starts it reports why it cannot
         if args is not None and run.task not in self.fast:
@@ -307,6 +312,8 @@ class Agent:
         self.runners[key] = runner
         self._epoll.register(pidfd, select.EPOLLIN)
         self._key_of_fd[pidfd] = key
+        if run.timeout:
+            self._timed.add(key)   # its deadline counts from its start in the lane
         if key in self.starts:
             self.starts[key] = runner
 

@@ -25,6 +25,7 @@ and :meth:`Runner.poll` until it returns the attempt's :class:`~pilot.events.Tas
 from __future__ import annotations
 
 import functools
+import math
 import os
 import signal
 import sys
@@ -266,12 +267,13 @@ def argv_of(command) -> list[str]:
     return [str(part) for part in command]
 
 
-def lane_args(run: RunTask) -> tuple[str, list[str], list[bytes], str] | None:
+def lane_args(run: RunTask, timeout_floor: float = math.inf) -> tuple[str, list[str], list[bytes], str] | None:
     """What ``pilot._launch.Lane`` takes to launch ``run`` (program, argv, environment entries,
-    log; the log's folder made), or None for an attempt the lane does not run: one with a
-    timeout or in LSST warm mode (a :class:`Runner` watches those). Raises as a launch would
-    (OSError, ValueError) when it cannot be launched."""
-    if run.timeout or _warm(run):
+    log; the log's folder made), or None for an attempt the lane does not run (a
+    :class:`Runner` watches those): one in LSST warm mode, or one whose timeout is not over
+    ``timeout_floor`` seconds (by then the agent must have moved it to a Runner, which watches
+    its time). Raises as a launch would (OSError, ValueError) when it cannot be launched."""
+    if _warm(run) or (run.timeout and run.timeout <= timeout_floor):
         return None
     _make_dir(run.log.rpartition("/")[0])
     entries, path = _task_env_entries(run)

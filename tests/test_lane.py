@@ -161,21 +161,24 @@ def _results(agent, sent, count):
     return wait_for(step, 20, 0.0, f"{count} results")
 
 
-def test_an_agent_runs_plain_attempts_in_the_lane_and_one_with_a_timeout_in_a_runner(tmp_path):
+def test_an_agent_runs_in_a_runner_only_attempts_with_a_timeout_too_short_for_the_lane(tmp_path):
+    """With memory samples every 0.5 s, a timeout of 2 s or less is a Runner's to watch from the
+    start; a plain attempt and one with a longer timeout run in the lane."""
     sent = []
-    agent = Agent(sent.append, WatchConfig())
+    agent = Agent(sent.append, WatchConfig(sample_interval=0.5))
     agent.handle(_run(tmp_path, 1, ["sleep", "30"]))
-    agent.handle(_run(tmp_path, 2, ["sleep", "30"], timeout=60.0))
+    agent.handle(_run(tmp_path, 2, ["sleep", "30"], timeout=2.0))
     agent.handle(_run(tmp_path, 3, ["true"], after=1))
+    agent.handle(_run(tmp_path, 4, ["sleep", "30"], timeout=2.5))
     try:
-        assert set(agent.fast) == {1} and list(agent.runners) == [(2, 1)] and agent.lane_queued == {3}
-        assert agent.running == 2
+        assert set(agent.fast) == {1, 4} and list(agent.runners) == [(2, 1)] and agent.lane_queued == {3}
+        assert agent.running == 3
     finally:
         agent.kill(ALL_TASKS, 0, Failure.INTERRUPTED, hard=True)
         agent.stop_seen = True
-    results = _results(agent, sent, 3)
+    results = _results(agent, sent, 4)
     assert sorted((r.task, r.failure) for r in results) == [(1, Failure.INTERRUPTED), (2, Failure.INTERRUPTED),
-                                                             (3, Failure.INTERRUPTED)]
+                                                             (3, Failure.INTERRUPTED), (4, Failure.INTERRUPTED)]
     assert not agent.busy and not agent.lane_queued and len(agent.lane) == 0
 
 
@@ -202,6 +205,19 @@ def test_a_long_attempt_leaves_the_lane_to_be_sampled_and_is_killed_over_its_mem
     [result] = _results(agent, sent, 1)
     assert result.failure == Failure.OOM and result.peak_rss_mb > 100
     assert not agent.fast and len(agent.lane) == 0
+
+
+def test_a_timeout_is_kept_after_the_attempt_leaves_the_lane_counted_from_its_start(tmp_path):
+    sent = []
+    agent = Agent(sent.append, WatchConfig(sample_interval=0.05, kill_grace=0.5))
+    agent.handle(_run(tmp_path, 1, ["sleep", "30"], timeout=0.6))
+    assert set(agent.fast) == {1}
+    wait_for(lambda: agent.step() or agent.runners, 5, 0.01, "the attempt's first sample")
+    assert not agent.fast and list(agent.runners) == [(1, 1)]
+    [result] = _results(agent, sent, 1)
+    assert result.failure == Failure.TIMEOUT
+    assert 0.6 <= result.end - result.start < 0.6 + 0.5 + 2.0   # the timeout, the grace, the loop's slack
+    assert not agent.busy and len(agent.lane) == 0
 
 
 def test_a_kill_takes_the_attempt_out_of_the_lane(tmp_path):
