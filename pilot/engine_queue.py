@@ -21,7 +21,7 @@ The contract that keeps a node from being over-committed:
   that became ready meanwhile with a higher priority waits about that long behind it.
   The depth covers the time rank 0 lets messages gather between its turns (``PACE_S`` in
   :mod:`pilot.master`) plus the time an agent holds its reports (``REPORT_HOLD_S`` in
-  :mod:`pilot.agent`): a node whose chain is that deep keeps its cores busy while rank 0 is
+  :mod:`pilot.agent_loop`): a node whose chain is that deep keeps its cores busy while rank 0 is
   not looking, even on tasks of a millisecond.
 - Estimates can be wrong: rank 0 takes back (``Recall``) a task that has waited longer than
   ``recall_after`` while another node has room for it; the agent reports it interrupted, unstarted,

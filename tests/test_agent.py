@@ -8,7 +8,8 @@ import signal
 import time
 from types import SimpleNamespace
 
-from pilot.agent import RING_WINDOW_S, STARTED_DELAY_S, Agent, Prober, ReportHold
+from pilot.agent import STARTED_DELAY_S, Agent
+from pilot.agent_loop import RING_WINDOW_S, Prober, ReportHold
 from pilot.events import Failure, TaskFinished, TaskStarted
 from pilot.protocol import ALL_TASKS, Alive, Kill, Recall, RunTask
 from pilot.runner import WatchConfig

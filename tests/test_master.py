@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pilot.agent import Signals, run_agent
+from pilot.agent import Signals
+from pilot.agent_loop import run_agent
 from pilot.engine_queue import QueueAhead
 from pilot.errors import UserError
 from pilot.events import Node, State

@@ -45,7 +45,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from pilot.agent import Signals, run_agent
+    from pilot.agent import Signals
+    from pilot.agent_loop import run_agent
     from pilot.master import RunConfig, master_main
     from pilot.nodes import local_node, run_deadline
     from pilot.runner import WatchConfig
