@@ -108,7 +108,7 @@ def _task_pids(folder: Path) -> list[int]:
     return [int(n) for p in folder.glob("*.marker") for n in p.read_text().split() if int(n) > 0]
 
 
-def _sigterm_when(ranks: int, wf: Path, tmp_path: Path, node: list[str], ready, timeout: float, what: str,
+def _signal_when(ranks: int, wf: Path, tmp_path: Path, node: list[str], ready, timeout: float, what: str,
                   signum: int = signal.SIGTERM, cmd: list[str] | None = None, env: dict | None = None):
     """Run the pilot (``cmd`` under ``env``, else :func:`pilot_cmd` under MPICH) and send it
     ``signum`` once ``ready()`` returns something; (exit code, stderr, seconds from the signal
@@ -133,7 +133,7 @@ def _sigterm_when(ranks: int, wf: Path, tmp_path: Path, node: list[str], ready, 
 def test_sigterm_mid_run_exits_3_and_leaves_no_task(tmp_path, ranks):
     wf, _ = workflow("long", tmp_path)
     node = ["--node-per-rank", "--node-memory", "1000", "--node-cores", "8"]   # 6 tasks fit one node
-    code, err, took, pids = _sigterm_when(
+    code, err, took, pids = _signal_when(
         ranks, wf, tmp_path, node, lambda: len(list(tmp_path.glob("*.marker"))) >= 6 and _task_pids(tmp_path),
         30, "six tasks running")
     assert code == 3, err[-3000:]
@@ -238,7 +238,7 @@ def test_sigterm_with_tasks_queued_ahead_exits_3_and_a_rerun_redoes_nothing_done
         f'  - {{id: {i}, command: ["{ensure_payload()}", "--sleep", "0.02", "--record", "{record}"]}}\n'
         for i in ids))
     node = ["--node-per-rank", "--node-memory", "1000", "--node-cores", "2"]
-    code, err, took, _ = _sigterm_when(3, wf, tmp_path, node, lambda: len(read_records(record)) >= 60,
+    code, err, took, _ = _signal_when(3, wf, tmp_path, node, lambda: len(read_records(record)) >= 60,
                                        60, "60 tasks done")
     assert code == 3 and took < 10, err[-3000:]
     queued = int(re.search(r"launches: \d+, of which (\d+) queued ahead", err).group(1))

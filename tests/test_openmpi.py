@@ -22,7 +22,7 @@ import pytest
 from tests.helpers import ROOT
 from tests.test_master import (PACKING_EDGES, PACKING_IDS, assert_exactly_once, assert_order, peak_memory_by_node,
                                read_records, workflow)
-from tests.test_mpi import NODE, _sigterm_when, _task_pids
+from tests.test_mpi import NODE, _signal_when, _task_pids
 from tests.test_runner import ensure_payload, pid_gone
 from tests.test_transport import cleanup_shm, shm_segments
 
@@ -98,7 +98,7 @@ def test_sigusr1_to_the_launcher_drains_exits_3_and_leaves_no_task(tmp_path, ses
     """The launcher forwards SIGUSR1 to every rank: the run stops as on SIGTERM under MPICH."""
     wf, _ = workflow("long", tmp_path)
     node = ["--node-per-rank", "--node-memory", "1000", "--node-cores", "8"]
-    code, err, took, pids = _sigterm_when(
+    code, err, took, pids = _signal_when(
         3, wf, tmp_path, node, lambda: len(list(tmp_path.glob("*.marker"))) >= 6 and _task_pids(tmp_path),
         60, "six tasks running", signum=signal.SIGUSR1, cmd=ompi_cmd(3, wf, tmp_path, *node),
         env=ompi_env(session_dir))
@@ -135,7 +135,7 @@ def test_sigterm_to_the_launcher_loses_nothing_done_and_a_rerun_finishes(tmp_pat
         f'  - {{id: {i}, command: ["{ensure_payload()}", "--sleep", "0.02", "--record", "{record}"]}}\n'
         for i in ids))
     node = ["--node-per-rank", "--node-memory", "1000", "--node-cores", "2"]
-    code, err, _, _ = _sigterm_when(3, wf, tmp_path, node, lambda: len(read_records(record)) >= 60, 60,
+    code, err, _, _ = _signal_when(3, wf, tmp_path, node, lambda: len(read_records(record)) >= 60, 60,
                                     "60 tasks done", cmd=ompi_cmd(3, wf, tmp_path, *node),
                                     env=ompi_env(session_dir))
     assert code != 0, err[-3000:]
