@@ -178,8 +178,9 @@ def run_local(name: str, size: int):
 
 
 def shm_segments() -> set[str]:
-    """Shared-memory files of MPI jobs: MPICH's, and Open MPI's (tests/test_openmpi.py)."""
-    return {p.name for pattern in ("mpich_shm_*", "sm_segment.*") for p in Path("/dev/shm").glob(pattern)}
+    """Shared-memory files of MPI jobs: MPICH's (and its UCX netmod's), and Open MPI's
+    (tests/test_openmpi.py)."""
+    return {p.name for pattern in ("mpich_shm_*", "ucx_shm_*", "sm_segment.*") for p in Path("/dev/shm").glob(pattern)}
 
 
 def mapped_anywhere(name: str) -> bool:
