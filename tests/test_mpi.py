@@ -225,18 +225,24 @@ def test_idle_agents_say_they_are_alive(tmp_path):
     assert "hung" not in proc.stderr
 
 
-def test_sigterm_with_tasks_queued_ahead_exits_3_and_a_rerun_redoes_nothing_done(tmp_path):
-    """Short tasks keep tasks queued behind running ones; a SIGTERM drops those unstarted and
-    interrupts the running ones; the rerun finishes the rest and runs no task done before."""
-    from pilot.checkpoint import load_checkpoint
-    from pilot.events import State
-
+def short_workflow(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """300 independent tasks of 0.02 s that record themselves: (workflow, record file, ids)."""
     record = tmp_path / "records.txt"
     ids = [f"s{i:03d}" for i in range(300)]
     wf = tmp_path / "short.yaml"
     wf.write_text("requestMemory: 100\ntasks:\n" + "".join(
         f'  - {{id: {i}, command: ["{ensure_payload()}", "--sleep", "0.02", "--record", "{record}"]}}\n'
         for i in ids))
+    return wf, record, ids
+
+
+def test_sigterm_with_tasks_queued_ahead_exits_3_and_a_rerun_redoes_nothing_done(tmp_path):
+    """Short tasks keep tasks queued behind running ones; a SIGTERM drops those unstarted and
+    interrupts the running ones; the rerun finishes the rest and runs no task done before."""
+    from pilot.checkpoint import load_checkpoint
+    from pilot.events import State
+
+    wf, record, ids = short_workflow(tmp_path)
     node = ["--node-per-rank", "--node-memory", "1000", "--node-cores", "2"]
     code, err, took, _ = _signal_when(3, wf, tmp_path, node, lambda: len(read_records(record)) >= 60,
                                        60, "60 tasks done")

