@@ -30,8 +30,9 @@ from pilot.agent import Agent, Signals
 from pilot.errors import EXIT_INTERRUPTED, EXIT_USAGE
 from pilot.events import Drain, Failure, Node, Schedule, State, TaskFinished, TaskStarted
 from pilot.graph import Graph
-from pilot.protocol import ALL_TASKS, Alive, Begin, Hello, Interrupted, Kill, Recall, RunTask, Shutdown, new_run_task
-from pilot.runner import WatchConfig, log_path
+from pilot.protocol import (ALL_TASKS, RUN_TASK_CODE, Alive, Begin, Hello, Interrupted, Kill, Recall, RunTask,
+                            Shutdown, new_run_task)
+from pilot.runner import WatchConfig, log_folder, log_path_in
 from pilot.transport import Backoff, Transport, flush_output
 
 log = logging.getLogger("pilot.master")
@@ -113,6 +114,7 @@ class Master:
                  checkpoint=None, signals: Signals | None = None, clock=time.time):
         self.transport, self.graph, self.engine = transport, graph, engine
         self.nodes, self.node_ranks, self.options = nodes, node_ranks, options
+        self._log_folder = log_folder(options.logdir)
         self.checkpoint = checkpoint
         self.signals = signals
         self.clock = clock
@@ -305,15 +307,21 @@ class Master:
                 rank = min(self.node_ranks[launch.node], key=lambda r: self.load[r])
             self.load[rank] += 1
             self.rank_of[(launch.task, launch.attempt)] = rank
-            self._send(rank, self.run_task(launch))
+            if rank == self.transport.rank and self.local is not None:
+                self.local.handle(self.run_task(launch))
+            else:
+                self.transport.send_wire(rank, (RUN_TASK_CODE, *self._run_fields(launch)))
 
     def run_task(self, launch) -> RunTask:
         """The agent's order for one Launch action."""
-        g, t = self.graph, launch.task
-        return new_run_task(t, launch.attempt, launch.node, g.ids[t], g.labels[g.label[t]],
-                            self.nodes[launch.node].name, g.commands[t], g.env[t],
-                            log_path(self.options.logdir, t, g.ids[t], launch.attempt),
-                            float(g.timeout[t]), int(launch.memory_mb), int(launch.cpus), launch.after)
+        return new_run_task(*self._run_fields(launch))
+
+    def _run_fields(self, launch) -> tuple:
+        """RunTask's fields, in order, for ``launch``."""
+        g, t, attempt = self.graph, launch.task, launch.attempt
+        return (t, attempt, launch.node, g.ids[t], g.labels[g.label[t]], self.nodes[launch.node].name,
+                g.commands[t], g.env[t], log_path_in(self._log_folder, t, g.ids[t], attempt),
+                float(g.timeout[t]), int(launch.memory_mb), int(launch.cpus), launch.after)
 
     def _send(self, rank: int, message) -> None:
         if rank == self.transport.rank and self.local is not None:

@@ -154,3 +154,5 @@ def from_wire(wire) -> object:
 
 _MAKERS = {cls: maker(cls) for cls in MESSAGE_TYPES if plain(cls)}
 new_run_task = _MAKERS[RunTask]
+RUN_TASK_CODE = _CODE[RunTask]   # (RUN_TASK_CODE, *fields) is a RunTask's wire form (no enum fields)
+assert not _ENUMS[RunTask]

@@ -253,10 +253,17 @@ def _encoded_with(variables: dict[str, str]) -> dict[bytes, bytes]:
 
 def log_path(logdir: str | os.PathLike, task: int, task_id: str, attempt: int) -> str:
     """``LOGDIR/<task // 1000 as 5 digits>/<task id>.<attempt>.log`` (``/`` in ids becomes ``_``)."""
-    # Formatted rather than joined: rank 0 makes one per launch.
+    return log_path_in(log_folder(logdir), task, task_id, attempt)
+
+
+def log_folder(logdir: str | os.PathLike) -> str:
+    """``logdir`` as :func:`log_path_in` takes it: a string ending in ``/``."""
     folder = os.fspath(logdir)
-    if not folder.endswith("/"):
-        folder += "/"
+    return folder if folder.endswith("/") else folder + "/"
+
+
+def log_path_in(folder: str, task: int, task_id: str, attempt: int) -> str:
+    """:func:`log_path` under a :func:`log_folder` (rank 0 makes one per launch)."""
     return f"{folder}{task // 1000:05d}/{task_id.replace('/', '_')}.{attempt}.log"
 
 

@@ -255,6 +255,11 @@ class Transport(ABC):
         """Queue ``message`` for rank ``dest``; it leaves at the next ``flush``, ``poll`` or ``close``."""
         self._outbox.setdefault(dest, []).append(to_wire(message))
 
+    def send_wire(self, dest: int, wire: tuple) -> None:
+        """:meth:`send` of a message already in :func:`~pilot.protocol.to_wire`'s form (rank 0
+        builds its orders to run a task so, without a message object between)."""
+        self._outbox.setdefault(dest, []).append(wire)
+
     def flush(self, ring: bool = True) -> None:
         """Send every queued message (one batch per destination), without waiting for delivery.
         ``ring=False``: the receivers' doorbells are not rung, for messages they need not see
@@ -421,6 +426,10 @@ class LocalTransport(Transport):
     def send(self, dest: int, message) -> None:
         self._check()
         super().send(dest, message)
+
+    def send_wire(self, dest: int, wire: tuple) -> None:
+        self._check()
+        super().send_wire(dest, wire)
 
     def _send_batch(self, dest: int, batch: list, ring: bool = True) -> None:
         self.hub.queues[dest].put((self.rank, batch))
