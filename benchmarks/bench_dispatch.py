@@ -280,16 +280,22 @@ def report(rounds: list[dict[str, Figures]], args) -> None:
     print(f"{args.tasks} null tasks, {shape}, {os.cpu_count()} cpus, median of {len(rounds)} rounds; "
           f"logs in {tempfile.gettempdir()} ({file_system(tempfile.gettempdir())}); "
           f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{'':24s} {'tasks/s':>8s} {'ratio':>6s}  {'own CPU/task':>12s}  {'tasks CPU/task':>14s}  rounds (tasks/s)")
+    print(f"{'':24s} {'tasks/s':>8s} {'ratio':>6s}  {'own CPU/task':>12s}  {'tasks CPU/task':>14s}  "
+          f"{'cores busy':>10s}  rounds (tasks/s)")
     for name in LOOPS:
         f = med[name]
         per_round = ", ".join(f"{r[name].rate:.0f}" for r in rounds)
         print(f"{name:24s} {f.rate:8.0f} {f.rate / fastest_bare:6.2f}  {f.own_ms:9.3f} ms  {f.tasks_ms:11.3f} ms  "
-              f"{per_round}")
+              f"{cores_busy(f):10.2f}  {per_round}")
     for pilot in PILOTS:
         by_rank = [statistics.median(r[pilot].ranks_us[k] for r in rounds) for k in range(len(rounds[0][pilot].ranks_us))]
         print(f"{pilot} CPU per task by rank (start-up out): rank 0 {by_rank[0]:.0f} us, agent ranks "
               f"{', '.join(f'{x:.0f}' for x in by_rank[1:])} us")
+    cpus = len(os.sched_getaffinity(0))
+    for pilot in PILOTS:
+        bound = cpus * 1e3 / (med[pilot].own_ms + med[pilot].tasks_ms)
+        print(f"{pilot} with every core busy: {bound:.0f} tasks/s, {bound / fastest_bare:.2f} of the fastest bare "
+              f"loop (its CPU per task, own and tasks', over {cpus} cores: the most it can reach here)")
     for pilot in PILOTS:
         paired = sorted(r[pilot].rate / max(r[n].rate for n in BARE) for r in rounds)
         print(f"{pilot} / fastest bare loop, round by round: {', '.join(f'{x:.2f}' for x in paired)} "
@@ -301,7 +307,13 @@ def report(rounds: list[dict[str, Figures]], args) -> None:
               f"(median {statistics.median(paired):.2f}); agents' CPU per task, with / without: "
               f"median {statistics.median(agents):.2f}")
     print("ratio: against the fastest bare loop without logs (the goal is pilot >= 0.9). Own CPU: the loop, "
-          "or all pilot ranks less a one-task run's (start-up); tasks CPU: the `true` processes.")
+          "or all pilot ranks less a one-task run's (start-up); tasks CPU: the `true` processes; cores busy: "
+          "tasks/s times both.")
+
+
+def cores_busy(f: Figures) -> float:
+    """Cores the loop kept busy on average: its rate times its own and its tasks' CPU per task."""
+    return f.rate * (f.own_ms + f.tasks_ms) / 1e3
 
 
 def main() -> None:
