@@ -34,7 +34,7 @@ import time
 
 from pilot import leftovers, nodes
 from pilot.events import Failure, TaskFinished, new_task_finished, new_task_started
-from pilot.protocol import ALL_TASKS, Begin, Kill, Recall, RunTask, Shutdown
+from pilot.protocol import ALL_TASKS, Begin, Kill, Recall, RunTask, Shutdown, succeeded_wire
 from pilot.runner import OOM_READ_MAX_AGE, ProcessTable, Runner, WatchConfig, argv_of, lane_args, set_run_tag
 from pilot.spawn import new_lane
 
@@ -65,10 +65,13 @@ class Signals:
 
 
 class Agent:
-    """Runs attempts on one node; results go out through ``send(message)``."""
+    """Runs attempts on one node; results go out through ``send(message)`` (and, with
+    ``send_wire``, the lane's successes through ``send_wire(wire)``, in the wire form)."""
 
-    def __init__(self, send, watch: WatchConfig = WatchConfig(), started_delay: float = STARTED_DELAY_S):
+    def __init__(self, send, watch: WatchConfig = WatchConfig(), started_delay: float = STARTED_DELAY_S,
+                 send_wire=None):
         self.send = send
+        self.send_wire = send_wire
         self.watch = watch
         self.started_delay = started_delay
         self.runners: dict[tuple[int, int], Runner] = {}
@@ -264,8 +267,12 @@ class Agent:
                 runner = Runner.adopted(run, self.watch, pid, -1, start, 0.0, oom_before)
                 self._report(runner.classify(status, cpu_s), now)   # what waits behind it starts from here
                 continue
-            self._send_result(new_task_finished(task, attempt, run.node, Failure.NONE, 0, None, start, end,
-                                                0.0, cpu_s, run.log), launched)
+            if self.send_wire is not None:
+                self.send_wire(succeeded_wire(task, attempt, run.node, start, end, cpu_s, run.log))
+                self._reported(task, launched)
+            else:
+                self._send_result(new_task_finished(task, attempt, run.node, Failure.NONE, 0, None, start, end,
+                                                    0.0, cpu_s, run.log), launched)
         return bool(ended)
 
     def _after_lane_end(self, run: RunTask, launched: tuple) -> None:
@@ -360,8 +367,12 @@ class Agent:
         """Report an ended attempt, then begin what was queued behind it (``launched``: what the
         lane launched behind it as it reaped it)."""
         self.send(result)
-        self.unreported.discard(result.task)
-        behind = self.waiting.pop(result.task, ())
+        self._reported(result.task, launched)
+
+    def _reported(self, task: int, launched: tuple | None) -> None:
+        """``task``'s end is reported: begin what was queued behind it (see :meth:`_send_result`)."""
+        self.unreported.discard(task)
+        behind = self.waiting.pop(task, ())
         if not behind:
             self.urgent = True   # its slot is free for rank 0 to fill
         for run in behind:

@@ -75,6 +75,12 @@ class ReportHold:
         if self.since is None:
             self.since = time.monotonic()
 
+    def send_wire(self, wire: tuple) -> None:
+        """:meth:`send` of a message in wire form."""
+        self.transport.send_wire(0, wire)
+        if self.since is None:
+            self.since = time.monotonic()
+
     def due(self) -> float | None:
         """Seconds until the held messages must leave (0: now), or None if none are held."""
         if self.since is None:
@@ -104,7 +110,7 @@ def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchCo
     when a rank exits non-zero (``srun --kill-on-bad-exit``, which the site files use so that a
     dead rank cannot stall a job) would otherwise kill rank 0 while it closes the checkpoint."""
     hold = ReportHold(transport, lambda: agent)
-    agent = Agent(hold.send, watch)
+    agent = Agent(hold.send, watch, send_wire=hold.send_wire)
     transport.send(0, Hello(transport.rank, info.name, info.memory_mb, info.cores, os.getpid()))
     backoff = transport.backoff   # shared: a doorbell ring seen by poll makes the loop probe eagerly
     gc.freeze()   # what start-up imported is never garbage: keep collections short

@@ -6,7 +6,7 @@ import pytest
 
 from pilot.events import Drain, Failure, Launch, Node, NodeLost, Schedule, TaskFinished, TaskStarted
 from pilot.protocol import (ALL_TASKS, MESSAGE_TYPES, Alive, Begin, Hello, Interrupted, Kill, Recall, RunTask, Shutdown,
-                            from_wire, to_wire)
+                            RUN_TASK_CODE, from_wire, succeeded_wire, to_wire)
 
 SAMPLES = [
     Hello(rank=3, node="nid001", memory_mb=96000, cores=68, pid=4242),
@@ -62,3 +62,15 @@ def test_round_trip(message):
 def test_bad_wire_is_rejected(wire):
     with pytest.raises(ValueError):
         from_wire(wire)
+
+
+def test_wire_forms_made_without_a_message_match_to_wire():
+    """Rank 0's orders and the lane's successes go out in wire form directly: the same tuples
+    (and the same types) as to_wire of the messages."""
+    finished = TaskFinished(task=4, attempt=2, node=1, failure=Failure.NONE, exit_code=0, signal=None,
+                            start=10.5, end=11.25, peak_rss_mb=0.0, cpu_s=0.002, log="/l/00000/t4.2.log")
+    wire = succeeded_wire(4, 2, 1, 10.5, 11.25, 0.002, "/l/00000/t4.2.log")
+    assert wire == to_wire(finished) and [type(v) for v in wire] == [type(v) for v in to_wire(finished)]
+    assert from_wire(wire) == finished
+    run = SAMPLES[1]
+    assert (RUN_TASK_CODE, *vars(run).values()) == to_wire(run)
