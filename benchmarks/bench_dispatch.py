@@ -23,6 +23,8 @@ in a Python Runner instead of their lane, native/lane.c) and prints both side by
 CPU per task, steadier than rates on a busy machine, is split into the launcher's own (the
 loop; for the pilot every rank and mpiexec, less what a one-task run costs, i.e. start-up) and
 the tasks' (the `true` processes: from wait4 for the pilot, from RUSAGE_CHILDREN for the loops).
+The rate times both is the cores a loop kept busy; the pilot's CPU per task spread over every
+core gives the most its rate can be on this machine ("with every core busy").
 
     .venv/bin/python benchmarks/bench_dispatch.py --slot-gap [--tasks 400] [--agents 2] [--cores 4]
 
