@@ -193,15 +193,46 @@ def mapped_anywhere(name: str) -> bool:
     return False
 
 
-def cleanup_shm(before: set[str]) -> list[str]:
-    """Remove MPI segments that appeared since ``before`` and that no live process maps
-    (what a killed or aborted job of ours left behind); the names removed."""
-    removed = []
-    for name in sorted(shm_segments() - before):
-        if not mapped_anywhere(name):
+def cleanup_shm(before: set[str], wait_s: float = 10.0) -> list[str]:
+    """Remove MPI segments that appeared since ``before`` once no live process maps them (what
+    a killed or aborted job of ours left behind), waiting up to ``wait_s`` for that: a rank
+    killed as its launcher exits may still map one for a moment. The names removed."""
+    removed, left = [], sorted(shm_segments() - before)
+    deadline = time.monotonic() + wait_s
+    while left:
+        for name in [n for n in left if not mapped_anywhere(n)]:
             Path("/dev/shm", name).unlink(missing_ok=True)
             removed.append(name)
+            left.remove(name)
+        if left and time.monotonic() < deadline:
+            time.sleep(0.05)   # a poll, until the deadline, for the dying ranks to unmap them
+        else:
+            break
     return removed
+
+
+HOLD_MAPPED = ("import mmap, sys, time; f = open(sys.argv[1], 'r+b'); m = mmap.mmap(f.fileno(), 4096); "
+               "print(flush=True); time.sleep(float(sys.argv[2]))")
+
+
+@pytest.mark.parametrize("holds, removed", [(0.5, True), (30.0, False)])
+def test_cleanup_shm_removes_a_new_segment_once_no_process_maps_it(holds, removed):
+    """A rank killed as mpiexec exits may map its segment a moment longer: the clean-up waits
+    for it (up to its limit), and never removes a segment still mapped or one there before."""
+    before = shm_segments()
+    path = Path("/dev/shm", f"mpich_shm_pilot_test_{os.getpid()}")
+    path.write_bytes(bytes(4096))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_MAPPED, str(path), str(holds)], stdout=subprocess.PIPE)
+    try:
+        holder.stdout.readline()   # it maps the segment now
+        assert mapped_anywhere(path.name)
+        assert cleanup_shm(before, wait_s=5.0) == ([path.name] if removed else [])
+        assert path.exists() is not removed
+        assert before <= shm_segments()
+    finally:
+        holder.kill()
+        holder.wait()
+        path.unlink(missing_ok=True)
 
 
 def run_mpi(name: str, size: int) -> subprocess.CompletedProcess:

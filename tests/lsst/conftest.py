@@ -6,8 +6,19 @@ from __future__ import annotations
 import pytest
 
 from tests.lsst.make_repo import build, copy_repo, run_init
+from tests.test_transport import cleanup_shm, shm_segments
 
 DETECTORS = 20   # 2 * 20 + 1 = 41 quanta over the labels a, b, gather
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_shared_memory():
+    """MPI jobs a test started (directly, or through `bps submit`) leave no shared-memory
+    segment behind: MPICH's ranks killed by mpiexec after rank 0 exits non-zero cannot remove
+    theirs."""
+    before = shm_segments()
+    yield
+    cleanup_shm(before)
 
 
 @pytest.fixture(scope="session")
