@@ -239,6 +239,51 @@ def test_srun_pmix_inside_salloc_with_open_mpi(slurm_env, tmp_path):
     assert f"({TASK_MB} MB, 2 cores)" in proc.stderr
 
 
+def open_mpi_site(tmp_path: Path) -> Path:
+    """slurm/sites/local.yaml for pilot on Open MPI: its ranks started by `srun --mpi=pmix`, the
+    pilot of .venv-openmpi, TCP between ranks (as for the salloc test above)."""
+    text = (Path(__file__).resolve().parent.parent / "slurm" / "sites" / "local.yaml").read_text()
+    text = text.replace("srun --mpi=pmi2 ", "srun --mpi=pmix ").replace("name: local", "name: local-openmpi")
+    text = text.replace("setup:\n", "setup:\n  - export OMPI_MCA_btl=self,tcp\n")
+    site = tmp_path / "local-openmpi.yaml"
+    site.write_text(text + f"pilot_command: {OPEN_MPI_BIN / 'pilot'}\n")
+    return site
+
+
+@pytest.mark.skipif(not (OPEN_MPI_BIN / "pilot").exists(), reason="no .venv-openmpi (scripts/setup-openmpi.sh)")
+def test_open_mpi_site_scancel_drains_and_a_new_submit_resumes(slurm_env, run, tmp_path):
+    """`pilot submit` with a site whose ranks are Open MPI's, started by `srun --mpi=pmix`:
+    scancel's TERM reaches every rank from slurmstepd (no mpirun between), the job drains and
+    ends 3, and a new submit finishes the work without running a completed task again."""
+    if not _libpmix():
+        pytest.skip("no libpmix.so for Slurm's mpi/pmix plugin (slurm/local-cluster.sh installs libpmix-dev as root)")
+    site = open_mpi_site(tmp_path)
+    workflow, records_file = fill_workflow("chain", tmp_path)
+    options = ("--site", str(site), "--walltime", "00:05:00")
+    wait_for(lambda: _queue_empty(slurm_env), 60, what="an empty queue")
+    proc = pilot(slurm_env, "submit", str(workflow), "--nodes", "2", "--run-dir", str(run), *options)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip()
+    wait_for(lambda: len(read_records(records_file)) >= 8, 90, interval=0.2, what=f"8 tasks of job {job}")
+    subprocess.run(["scancel", job], env=slurm_env, check=True)
+    end = wait_for(lambda: chain_end(run, job), 60, what="the scancelled job's end record")
+    assert (end["exit"], end["next"]) == (3, "") and "TERM" in end["signals"], end
+    done_first = {r["task"] for r in read_records(records_file)}
+    assert 8 <= len(done_first) < 64, len(done_first)
+
+    wait_for(lambda: _queue_empty(slurm_env), 60, what="an empty queue")
+    proc = pilot(slurm_env, "submit", str(workflow), "--nodes", "2", "--run-dir", str(run), *options,
+                 "--run-args=--retry-failed")   # a task killed by scancel's TERM before its agent drained
+    assert proc.returncode == 0, proc.stderr
+    second = proc.stdout.strip()
+    ends = wait_chain_done(run, second, timeout=180)
+    assert [e["exit"] for e in ends] == [0], ends
+    completed_once(read_records(records_file), 64)   # none of done_first ran again
+    out = (run / f"slurm-{second}.out").read_text()   # one job of 3 Open MPI ranks, not 3 of one
+    assert re.search(r"rank 0 INFO \d+ tasks on 2 nodes: n\d \(", out), out[-3000:]
+    assert len(re.findall(r" rank [12] INFO attempts started: \d+;", out)) == 2, out[-3000:]
+
+
 def test_two_agents_per_node_share_each_node(slurm_env, run, tmp_path):
     """A site file with agents_per_node: 2 starts two agent ranks on every node; the tasks of a
     node come from both (their parent, the agent, differs), all carry the start's PILOT_RUN, and
