@@ -279,7 +279,8 @@ def report(rounds: list[dict[str, Figures]], args) -> None:
     fastest_bare = max(med[n].rate for n in BARE)
     shape = (f"{args.agents} agents sharing one node of {args.cores} cores = concurrency {args.cores}"
              if SHARED_NODE else f"{args.agents} agents x {args.cores} cores = concurrency {args.agents * args.cores}")
-    print(f"{args.tasks} null tasks, {shape}, {os.cpu_count()} cpus, median of {len(rounds)} rounds; "
+    cpus = len(os.sched_getaffinity(0))   # the cores this run may use, as the bound below counts them
+    print(f"{args.tasks} null tasks, {shape}, {cpus} cpus, median of {len(rounds)} rounds; "
           f"logs in {tempfile.gettempdir()} ({file_system(tempfile.gettempdir())}); "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'':24s} {'tasks/s':>8s} {'ratio':>6s}  {'own CPU/task':>12s}  {'tasks CPU/task':>14s}  "
@@ -293,7 +294,6 @@ def report(rounds: list[dict[str, Figures]], args) -> None:
         by_rank = [statistics.median(r[pilot].ranks_us[k] for r in rounds) for k in range(len(rounds[0][pilot].ranks_us))]
         print(f"{pilot} CPU per task by rank (start-up out): rank 0 {by_rank[0]:.0f} us, agent ranks "
               f"{', '.join(f'{x:.0f}' for x in by_rank[1:])} us")
-    cpus = len(os.sched_getaffinity(0))
     for pilot in PILOTS:
         bound = cpus * 1e3 / (med[pilot].own_ms + med[pilot].tasks_ms)
         print(f"{pilot} with every core busy: {bound:.0f} tasks/s, {bound / fastest_bare:.2f} of the fastest bare "

@@ -307,7 +307,7 @@ class Master:
                 rank = min(self.node_ranks[launch.node], key=lambda r: self.load[r])
             self.load[rank] += 1
             self.rank_of[(launch.task, launch.attempt)] = rank
-            if rank == self.transport.rank and self.local is not None:
+            if self._is_local(rank):
                 self.local.handle(self.run_task(launch))
             else:
                 self.transport.send_wire(rank, (RUN_TASK_CODE, *self._run_fields(launch)))
@@ -324,10 +324,14 @@ class Master:
                 float(g.timeout[t]), int(launch.memory_mb), int(launch.cpus), launch.after)
 
     def _send(self, rank: int, message) -> None:
-        if rank == self.transport.rank and self.local is not None:
+        if self._is_local(rank):
             self.local.handle(message)
         else:
             self.transport.send(rank, message)
+
+    def _is_local(self, rank: int) -> bool:
+        """Whether ``rank`` is rank 0's own agent (a run of one rank), reached without the transport."""
+        return rank == self.transport.rank and self.local is not None
 
 
 
