@@ -310,16 +310,17 @@ class Master:
             if self._is_local(rank):
                 self.local.handle(self.run_task(launch))
             else:
-                self.transport.send_wire(rank, (RUN_TASK_CODE, *self._run_fields(launch)))
+                self.transport.send_wire(rank, self._run_wire(launch))
 
     def run_task(self, launch) -> RunTask:
         """The agent's order for one Launch action."""
-        return new_run_task(*self._run_fields(launch))
+        return new_run_task(*self._run_wire(launch)[1:])
 
-    def _run_fields(self, launch) -> tuple:
-        """RunTask's fields, in order, for ``launch``."""
+    def _run_wire(self, launch) -> tuple:
+        """The RunTask for ``launch`` in wire form, ``(RUN_TASK_CODE, *fields)``: one tuple per
+        launch on rank 0's hot path."""
         g, t, attempt = self.graph, launch.task, launch.attempt
-        return (t, attempt, launch.node, g.ids[t], g.labels[g.label[t]], self.nodes[launch.node].name,
+        return (RUN_TASK_CODE, t, attempt, launch.node, g.ids[t], g.labels[g.label[t]], self.nodes[launch.node].name,
                 g.commands[t], g.env[t], log_path_in(self._log_folder, t, g.ids[t], attempt),
                 float(g.timeout[t]), int(launch.memory_mb), int(launch.cpus), launch.after)
 

