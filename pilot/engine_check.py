@@ -60,8 +60,8 @@ def _check_queued(engine) -> None:
     for t, chain in qa.chain_of.items():
         head = qa.root(t)
         members = [head, *qa.chain(head)]
-        assert qa.chain_of.get(head) is chain and chain == [len(members) - 1, members[-1]], \
-            "a chain's record (queued count, end) disagrees with its links"
+        assert qa.chain_of.get(head) is chain and chain == members, \
+            "a chain's record (its tasks in order) disagrees with its links"
 
 
 def _check_parents(engine) -> None:

@@ -45,8 +45,9 @@ class QueueAhead:
         self.after_of: dict[int, int] = {}   # queued task -> the task it waits for
         self.tails: dict[int, None] = {}     # launched tasks that may get one queued behind (ordered)
         self.queued_at: dict[int, float] = {}   # queued task -> when it was queued
-        # Every task of a chain (its placed head included) -> the chain's [queued count, tail],
-        # one list shared by the chain: a chain's depth and end without a walk along it.
+        # Every task of a chain (its placed head included) -> the chain, ``[head, queued...]`` in
+        # the order they will run: one list shared by its tasks, so a chain's depth, end and
+        # members come without a walk along the links.
         self.chain_of: dict[int, list[int]] = {}
 
     @property
@@ -62,7 +63,7 @@ class QueueAhead:
         """``task``, the end of its chain (launched, queued, or moved up), may get a task queued
         behind it if it is short and its chain has room."""
         chain = self.chain_of.get(task)
-        depth = 0 if chain is None else chain[0]
+        depth = 0 if chain is None else len(chain) - 1
         if estimate <= self.horizon and depth < self.max_depth:
             self.tails[task] = None
 
@@ -81,9 +82,8 @@ class QueueAhead:
         self.queued_at[queued] = now
         chain = self.chain_of.get(behind)
         if chain is None:
-            chain = self.chain_of[behind] = [0, behind]
-        chain[0] += 1
-        chain[1] = queued
+            chain = self.chain_of[behind] = [behind]
+        chain.append(queued)
         self.chain_of[queued] = chain
 
     def ended(self, task: int) -> int:
@@ -94,7 +94,7 @@ class QueueAhead:
         if queued >= 0:
             del self.after_of[queued]
             del self.queued_at[queued]
-            chain[0] -= 1   # the queued task heads the chain now
+            del chain[0]   # the queued task heads the chain now
         return queued
 
     def unlink(self, task: int) -> None:
@@ -102,15 +102,13 @@ class QueueAhead:
         before = self.after_of.pop(task)
         del self.queued_at[task]
         self.tails.pop(task, None)
-        chain = self.chain_of.pop(task)
-        chain[0] -= 1
+        self.chain_of.pop(task).remove(task)
         behind = self.next_of.pop(task, -1)
         if behind >= 0:
             self.next_of[before] = behind
             self.after_of[behind] = before
         else:
             del self.next_of[before]
-            chain[1] = before
 
     def drop_chain(self, task: int) -> list[int]:
         """Forget ``task`` and everything queued behind it (its node is gone); the queued ones."""
@@ -126,7 +124,7 @@ class QueueAhead:
     def tail(self, task: int) -> int:
         """The last task queued behind ``task`` (``task`` itself if none)."""
         chain = self.chain_of.get(task)
-        return task if chain is None else chain[1]
+        return task if chain is None else chain[-1]
 
     def chain(self, task: int) -> list[int]:
         """The tasks queued behind ``task``, nearest first."""
@@ -144,10 +142,10 @@ def queue_ahead(engine, now: float) -> list:
     qa = engine.queue
     if not qa.tails or not engine.policy.queued():
         return launches
-    # When each chain is expected to free its slot: walked once here, then extended as the
-    # rounds link tasks (with chains up to 32 deep, a walk per round would repeat a chain's
-    # whole length once per task queued behind it).
-    free_at = {x: _chain_free_at(engine, x, now) for x in qa.tails}
+    # When each chain is expected to free its slot: summed once here, then extended as the
+    # rounds link tasks.
+    est = engine.cluster.label_estimate.tolist()
+    free_at = {x: _chain_free_at(engine, x, now, est) for x in qa.tails}
     for _ in range(qa.max_depth):
         if not qa.tails or not engine.policy.queued():
             break
@@ -158,18 +156,16 @@ def queue_ahead(engine, now: float) -> list:
     return launches
 
 
-def _chain_free_at(engine, x: int, now: float) -> float:
+def _chain_free_at(engine, x: int, now: float, est: list) -> float:
     """When the chain ending at launched or queued task ``x`` is expected to free its slot:
-    its placed task's expected end (``now`` if overdue), then the queued ones' estimates."""
-    c, labels, after = engine.cluster, engine._labels, engine.queue.after_of
-    est = c.label_estimate
-    ahead, t = [], x   # one walk back to the placed task, noting the queued ones' estimates
-    while t in after:
-        ahead.append(est.item(labels[t]))
-        t = after[t]
-    free_at = max(now, c.start_of(t) + est.item(labels[t]))
-    for seconds in reversed(ahead):   # summed from the placed task on, as they will run
-        free_at += seconds
+    its placed task's expected end (``now`` if overdue), then the queued ones' estimates
+    (``est``: per label), summed in the order they will run."""
+    labels, chain = engine._labels, engine.queue.chain_of.get(x)
+    head = x if chain is None else chain[0]
+    free_at = max(now, engine.cluster.start_of(head) + est[labels[head]])
+    if chain is not None:
+        for t in chain[1:]:
+            free_at += est[labels[t]]
     return free_at
 
 
