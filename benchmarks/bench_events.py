@@ -17,6 +17,11 @@ shared).
     .venv/bin/python benchmarks/bench_events.py
     .venv/bin/python benchmarks/bench_events.py --tasks 5000 --drp-tasks 2000 --profile
     .venv/bin/python benchmarks/bench_events.py --queue-ahead 0      # without queue-ahead
+    .venv/bin/python benchmarks/bench_events.py --no-starts    # one event per task, as in a run
+
+``--no-starts``: the emulated agents send no TaskStarted, as agents do for an attempt that
+ends within ``STARTED_DELAY_S`` (pilot/agent.py): a null task is then one TaskFinished, the
+engine's path for the short tasks of a dispatch benchmark.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ def null_graph(n: int):
 
 
 QUEUE_AHEAD_S = [0.0]   # the engine's queue-ahead horizon (--queue-ahead)
+SEND_STARTS = [True]    # the emulated agents report starts (not with --no-starts)
 
 
 def make_engine(graph, nodes, folder: str):
@@ -78,7 +84,8 @@ class Agents:
             self.start(a)
 
     def start(self, a) -> None:
-        self.waiting.append(TaskStarted(a.task, a.attempt, a.node, self.clock))
+        if SEND_STARTS[0]:
+            self.waiting.append(TaskStarted(a.task, a.attempt, a.node, self.clock))
         self.running.append((a, self.clock))
 
     def finish(self, a, start: float) -> None:
@@ -196,10 +203,14 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true", help="print the top functions by own time")
     parser.add_argument("--queue-ahead", type=float, default=0.5, metavar="SECONDS",
                         help="the engine's queue-ahead horizon, as `pilot run --queue-ahead` (default 0.5; 0: off)")
+    parser.add_argument("--no-starts", action="store_true",
+                        help="no TaskStarted: one event per task, as agents report tasks shorter than 50 ms")
     args = parser.parse_args(argv)
     QUEUE_AHEAD_S[0] = args.queue_ahead
+    SEND_STARTS[0] = not args.no_starts
     nodes = [Node(f"n{i}", args.node_memory, args.cores) for i in range(args.nodes)]
-    print(f"{args.nodes} nodes x ({args.node_memory} MB, {args.cores} cores), queue-ahead {args.queue_ahead} s")
+    print(f"{args.nodes} nodes x ({args.node_memory} MB, {args.cores} cores), queue-ahead {args.queue_ahead} s"
+          + ("" if SEND_STARTS[0] else ", no TaskStarted"))
     drp, _ = drp_graph(args.drp_tasks)
     modes = [0] + ([args.batch] if hasattr(Engine, "handle_many") else [])
     for batch in modes:
