@@ -33,6 +33,7 @@ from __future__ import annotations
 from pilot.events import State, new_launch
 
 DEPTH = 32   # queued tasks behind one running task, at most (the default)
+_LAUNCHED = int(State.LAUNCHED)   # read once: converting the enum costs on every link
 
 
 class QueueAhead:
@@ -177,7 +178,7 @@ def _queue_round(engine, now: float, free_at: dict[int, float]) -> list:
              for x in qa.tails if free_at[x] <= limit]   # else the chain holds a horizon's worth
     launches = []
     for q, x in engine.policy.select_successors(c, slots, now):
-        engine._move(q, int(State.LAUNCHED), now)
+        engine._move(q, _LAUNCHED, now)
         attempt = engine.attempts.item(q) + 1
         engine.attempts[q] = attempt
         node = engine.node_of.item(x)
