@@ -8,10 +8,13 @@
  *   launch when the attempt of task `after` now in the lane is reaped having exited 0, unless
  *   the lane has stopped by then (else it is dropped: the caller starts it, or not).
  * drop(task) -> bool: forget what was queued for `task`.
- * reap() -> [(task, attempt, pid, status, cpu, start, end, launched), ...]
- *   every attempt whose main process has ended, reaped as reap() does (never blocks); `launched`
- *   holds what was queued behind it and launched at once, as (task, attempt, pid, start, errno):
- *   pid 0 and the errno when the launch failed (the caller reports that).
+ * reap(timeout=0.0, wake_fd=-1, hold=0.0) -> [(task, attempt, pid, status, cpu, start, end, launched), ...]
+ *   every attempt whose main process has ended, reaped as reap() does; `launched` holds what was
+ *   queued behind it and launched at once, as (task, attempt, pid, start, errno): pid 0 and the
+ *   errno when the launch failed (the caller reports that). With a `timeout` it waits for ends up
+ *   to that long, gathering plain successes (exit 0, the next attempt launched behind) and
+ *   returning early when `wake_fd` is readable, a signal comes, an end needs the caller (any
+ *   other), or `hold` s after the first end: see reap_waiting.
  * take(task, attempt) -> (pid, pidfd, start, start_mono) or None
  *   the attempt leaves the lane, its pidfd with it (now the caller's); what was queued behind
  *   it is dropped.
@@ -25,6 +28,7 @@
 #include "launch.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -317,16 +321,18 @@ done:
     return out;
 }
 
-static PyObject *Lane_reap(Lane *self, PyObject *unused)
+/* Reap every attempt of the lane whose main process has ended (never blocks), appending what
+ * reap() says of each to `out`; *needs_python is set when one of them calls for the caller: it
+ * did not exit 0, or nothing was launched behind it (its slot is idle), or a launch behind it
+ * failed, or the lane has stopped. 0, or -1 with an exception set. */
+static int reap_ready(Lane *self, PyObject *out, int *needs_python)
 {
-    (void)unused;
     struct epoll_event events[64];
     int n = epoll_wait(self->epfd, events, 64, 0);
-    if (n < 0 && errno != EINTR)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    PyObject *out = PyList_New(0);
-    if (out == NULL)
-        return NULL;
+    if (n < 0 && errno != EINTR) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
     for (int e = 0; e < n; e++) {
         Py_ssize_t i = 0;
         while (i < self->nlive && self->live[i].pidfd != events[e].data.fd)
@@ -342,24 +348,86 @@ static PyObject *Lane_reap(Lane *self, PyObject *unused)
         Py_END_ALLOW_THREADS
         if (got < 0) {
             PyErr_SetFromErrno(PyExc_ChildProcessError);
-            Py_DECREF(out);
-            return NULL;
+            return -1;
         }
         double end = clock_now(CLOCK_REALTIME);
         int go = !self->stopped && WIFEXITED(status) && WEXITSTATUS(status) == 0;
         PyObject *launched = launch_behind(self, gone.task, go);
-        if (launched == NULL) {
-            Py_DECREF(out);
-            return NULL;
-        }
+        if (launched == NULL)
+            return -1;
+        Py_ssize_t k = PyTuple_GET_SIZE(launched);
+        int failed_launch = 0;
+        for (Py_ssize_t j = 0; j < k; j++)
+            failed_launch |= PyLong_AsLong(PyTuple_GET_ITEM(PyTuple_GET_ITEM(launched, j), 2)) == 0;
+        if (!go || k == 0 || failed_launch)
+            *needs_python = 1;
         PyObject *item = Py_BuildValue("(iiiidddN)", gone.task, gone.attempt, (int)gone.pid, status,
                                        (double)usec / 1e6, gone.start, end, launched);
         if (item == NULL || PyList_Append(out, item) < 0) {
             Py_XDECREF(item);
-            Py_DECREF(out);
-            return NULL;
+            return -1;
         }
         Py_DECREF(item);
+    }
+    return 0;
+}
+
+/* reap() with a wait: until `timeout` s have passed, `wake_fd` is readable, a signal came, an
+ * end calls for the caller (see reap_ready) or `hold` s after the first end, whichever is first.
+ * Plain successes with the next attempt launched behind them are gathered meanwhile: a node of
+ * short tasks costs the caller one turn per `hold`, not one per task. */
+static int reap_waiting(Lane *self, PyObject *out, double timeout, int wake_fd, double hold)
+{
+    double began = clock_now(CLOCK_MONOTONIC), first = -1.0;
+    int needs_python = 0;
+    for (;;) {
+        double now = clock_now(CLOCK_MONOTONIC), left = began + timeout - now;
+        if (first >= 0 && first + hold - now < left)
+            left = first + hold - now;
+        if (left <= 0)
+            return 0;
+        struct pollfd fds[2] = {{.fd = self->epfd, .events = POLLIN}, {.fd = wake_fd, .events = POLLIN}};
+        struct timespec wait = {.tv_sec = (time_t)left, .tv_nsec = (long)((left - (double)(time_t)left) * 1e9)};
+        int ready;
+        Py_BEGIN_ALLOW_THREADS
+        ready = ppoll(fds, wake_fd >= 0 ? 2 : 1, &wait, NULL);
+        Py_END_ALLOW_THREADS
+        if (ready < 0 && errno == EINTR)
+            return 0;   /* a signal: the caller's handler runs as this returns */
+        if (ready < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        if (ready == 0)
+            return 0;
+        if (fds[0].revents) {
+            Py_ssize_t before = PyList_GET_SIZE(out);
+            if (reap_ready(self, out, &needs_python) < 0)
+                return -1;
+            if (first < 0 && PyList_GET_SIZE(out) > before)
+                first = clock_now(CLOCK_MONOTONIC);
+            if (needs_python || self->nlive == 0 || PyList_GET_SIZE(out) >= 256)
+                return 0;
+        }
+        if (wake_fd >= 0 && fds[1].revents)
+            return 0;
+    }
+}
+
+static PyObject *Lane_reap(Lane *self, PyObject *args)
+{
+    double timeout = 0.0, hold = 0.0;
+    int wake_fd = -1;
+    if (!PyArg_ParseTuple(args, "|did:reap", &timeout, &wake_fd, &hold))
+        return NULL;
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    int needs_python = 0;
+    int failed = timeout > 0 ? reap_waiting(self, out, timeout, wake_fd, hold) : reap_ready(self, out, &needs_python);
+    if (failed < 0) {
+        Py_DECREF(out);
+        return NULL;
     }
     return out;
 }
@@ -420,7 +488,8 @@ static PyMethodDef Lane_methods[] = {
     {"start", (PyCFunction)Lane_start, METH_VARARGS, "start(task, attempt, program, argv, env, log) -> (pid, start)"},
     {"queue", (PyCFunction)Lane_queue, METH_VARARGS, "queue(after, task, attempt, program, argv, env, log)"},
     {"drop", (PyCFunction)Lane_drop, METH_VARARGS, "drop(task) -> bool"},
-    {"reap", (PyCFunction)Lane_reap, METH_NOARGS, "reap() -> [(task, attempt, pid, status, cpu, start, end, launched)]"},
+    {"reap", (PyCFunction)Lane_reap, METH_VARARGS,
+     "reap(timeout=0.0, wake_fd=-1, hold=0.0) -> [(task, attempt, pid, status, cpu, start, end, launched)]"},
     {"take", (PyCFunction)Lane_take, METH_VARARGS, "take(task, attempt) -> (pid, pidfd, start, start_mono) or None"},
     {"running", (PyCFunction)Lane_running, METH_NOARGS, "running() -> [(task, attempt, start_mono)]"},
     {"stop", (PyCFunction)Lane_stop, METH_NOARGS, "stop(): nothing queued is launched any more"},

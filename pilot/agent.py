@@ -104,6 +104,11 @@ class Agent:
         self.fast: dict[int, tuple[RunTask, int | None]] = {}   # task -> its attempt in the lane, OOM count before
         self.lane_queued: set[int] = set()   # tasks the lane launches when what they wait for exits 0
         self._lane_ready = False   # its descriptor was readable: something there ended
+        # Ends the lane gathered while this agent waited in it (see wait), and the OOM-kill count
+        # read before that wait: the count "before the launch" of what it launched meanwhile.
+        self._gathered: list = []
+        self._oom_at_wait: int | None = None
+        self._oom_launched = _FRESH   # the count for what _lane_reap's ends launched (see there)
         self._lane_fd = -1 if self.lane is None else self.lane.fileno()
         if self.lane is not None:
             self._epoll.register(self._lane_fd, select.EPOLLIN)
@@ -256,10 +261,20 @@ class Agent:
             self.lane.drop(task)
 
     def _lane_reap(self, now: float) -> bool:
-        """Report what ended in the lane, and note what it launched behind them."""
+        """Report what ended in the lane (gathered during a wait, and since), and note what it
+        launched behind them."""
         if self.stop_seen or self.stopped:
             self.lane.stop()   # nothing queued starts once the run stops
-        ended = self.lane.reap()
+        # The OOM-kill count before those launches: read before this reap launches any, or before
+        # the wait that gathered some (an older count can only take another task's kill for this
+        # one's, never miss this one's)
+        if self._gathered:
+            ended, self._gathered = self._gathered, []
+            self._oom_launched = self._oom_at_wait
+            ended += self.lane.reap()
+        else:
+            self._oom_launched = nodes.recent_oom_kill_count(OOM_READ_MAX_AGE)
+            ended = self.lane.reap()
         for task, attempt, pid, status, cpu_s, start, end, launched in ended:
             run, oom_before = self.fast.pop(task)
             self.starts.pop((task, attempt), None)
@@ -282,7 +297,10 @@ class Agent:
         for task, attempt, pid, start, error in launched:
             if task == run.task and attempt == run.attempt:
                 if pid:
-                    self._in_lane(run, pid, start, nodes.recent_oom_kill_count(OOM_READ_MAX_AGE))
+                    oom_before = self._oom_launched
+                    if oom_before is _FRESH:
+                        oom_before = nodes.recent_oom_kill_count(OOM_READ_MAX_AGE)
+                    self._in_lane(run, pid, start, oom_before)
                 else:
                     runner = Runner(run, self.watch)
                     runner.start_time = start
@@ -330,9 +348,10 @@ class Agent:
         for key in self._exited():
             self._report(self._reap(key), now)
             ended = True
-        if self._lane_ready:
+        if self._lane_ready or self._gathered:
             self._lane_ready = False
             ended = self._lane_reap(now) or ended
+            self._oom_launched = _FRESH
         return ended
 
     def _reap(self, key: tuple[int, int]) -> TaskFinished:
@@ -431,10 +450,15 @@ class Agent:
             self._epoll.register(wake_fd, select.EPOLLIN)
             self._wake_fds.add(wake_fd)
 
-    def wait(self, timeout: float, wake_fd: int | None = None) -> bool:
+    def wait(self, timeout: float, wake_fd: int | None = None, hold: float = 0.0) -> bool:
         """Sleep up to ``timeout`` s, waking as soon as an attempt ends, a check is due or
         ``wake_fd`` (the transport's) becomes readable; True if something did (maybe ``wake_fd``:
-        the next :meth:`step` tells, through :attr:`rung`)."""
+        the next :meth:`step` tells, through :attr:`rung`).
+
+        ``hold`` > 0: when every attempt here runs in the lane, the lane itself waits, and for
+        up to ``hold`` s after the first end it gathers the attempts that exit 0 with the next one
+        launched behind them (see native/lane.c, reap_waiting); anything else ends the wait at
+        once. The next :meth:`step` reports what it gathered."""
         self.watch_wake_fd(wake_fd)
         if self.runners or self.fast or self.starts:
             due = [self._next_sample] + [d for k in self._timed if (d := self.runners[k].next_deadline)]
@@ -443,10 +467,21 @@ class Agent:
             timeout = min(timeout, min(due) - time.monotonic())
         if timeout <= 0:
             return False
+        if hold > 0 and self.fast and not self.runners and not self.held and len(self._wake_fds) <= 1:
+            # What it launches counts OOM kills from this read: shared by launches OOM_READ_MAX_AGE
+            # apart at most, as elsewhere, and the wait is no longer than that either
+            self._oom_at_wait = nodes.recent_oom_kill_count(OOM_READ_MAX_AGE)
+            wake = next(iter(self._wake_fds), -1)
+            gathered = self.lane.reap(min(timeout, OOM_READ_MAX_AGE), wake, hold)
+            self._gathered += gathered
+            return bool(gathered)
         # select, not epoll.poll: epoll rounds its timeout up to a millisecond, and the
         # transport's back-off after a ring asks for 50 us
         readable, _, _ = select.select([self._epoll], [], [], timeout)
         return bool(readable)
+
+
+_FRESH = object()   # _oom_launched: read the OOM-kill count at each launch
 
 
 def _not_started(run: RunTask) -> TaskFinished:

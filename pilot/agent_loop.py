@@ -69,6 +69,7 @@ class ReportHold:
         self.agent_of = agent_of   # the Agent whose urgency counts (set after it is made)
         self.hold = hold
         self.since: float | None = None   # when the oldest unsent message was queued
+        self.aged = False   # what is queued next has waited its hold already (in the lane)
 
     def send(self, message) -> None:
         self.transport.send(0, message)
@@ -85,7 +86,7 @@ class ReportHold:
         """Seconds until the held messages must leave (0: now), or None if none are held."""
         if self.since is None:
             return None
-        if self.agent_of().report_now:
+        if self.aged or self.agent_of().report_now:
             return 0.0
         return max(0.0, self.since + self.hold - time.monotonic())
 
@@ -99,6 +100,7 @@ class ReportHold:
         agent = self.agent_of()
         self.transport.flush(ring=agent.report_now)
         self.since = None
+        self.aged = False
         agent.urgent = False
 
 
@@ -117,6 +119,7 @@ def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchCo
     next_alive = time.monotonic() + alive_interval
     agent.watch_wake_fd(transport.wake_fd)
     prober = Prober(transport)
+    rings = transport.wake_fd is not None
     while not agent.stopped:
         busy = agent.busy
         if not busy:
@@ -143,11 +146,16 @@ def run_agent(transport: Transport, info: NodeInfo, watch: WatchConfig = WatchCo
             hold.flush()
             next_alive = time.monotonic() + alive_interval
         if agent.step():
-            backoff.activity()
+            if not rings:   # with a doorbell, rank 0's answer to a report rings: no early probe
+                backoff.activity()
         elif not got and agent.busy and not agent.rung:
             hold.flush_if_due()
             delay, due = backoff.next_delay(), hold.due()
-            agent.wait(delay if due is None else min(delay, due))
+            if rings and delay >= backoff.min_sleep:
+                delay = backoff.max_sleep   # a ring ends the wait: a lost one waits for the prober
+            # ends the lane gathers wait there up to a hold, then leave with the next flush
+            if agent.wait(delay if due is None else min(delay, due), hold=hold.hold):
+                hold.aged = True
     _finish(agent)
     if agent.exit_code != EXIT_USAGE:   # a refused run says one line, rank 0's error
         log.info("attempts started: %d; %.2f s of CPU", agent.started, time.process_time())

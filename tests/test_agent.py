@@ -227,6 +227,17 @@ def test_held_reports_leave_together_when_the_hold_ends_or_one_is_urgent():
     short.flush_if_due()
     assert master.poll(0.0)[1] == Alive(1)
 
+    # what the lane gathered has waited its hold there: it leaves with the next flush, then the
+    # hold counts again
+    hold.aged = True
+    assert hold.due() is None   # nothing held yet
+    hold.send(Alive(1))
+    assert hold.due() == 0.0
+    hold.flush_if_due()
+    assert master.poll(0.0)[1] == Alive(1) and not hold.aged
+    hold.send(Alive(1))
+    assert hold.due() > 0.0
+
 
 def test_a_busy_agent_probes_after_a_ring_until_a_message_comes_else_at_its_interval():
     prober = Prober(SimpleNamespace(wake_fd=5, backoff=SimpleNamespace(max_sleep=0.02)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import shutil
 import signal
 import time
 
@@ -147,6 +148,68 @@ def test_ended_attempts_leave_no_descriptor_behind(lane, tmp_path):
 # ---- the agent's use of it ----------------------------------------------------------
 
 
+def _chain(lane, tmp_path, length: int, last=("true",)) -> None:
+    """Task 1 started, tasks 2..length queued each behind the one before; the last runs ``last``."""
+    lane.start(1, 1, TRUE, ["true"], [], str(tmp_path / "1.log"))
+    for task in range(2, length + 1):
+        argv = list(last) if task == length else ["true"]
+        lane.queue(task - 1, task, 1, shutil.which(argv[0]), argv, [], str(tmp_path / f"{task}.log"))
+
+
+def test_a_waiting_reap_gathers_a_chain_of_successes_until_its_hold(lane, tmp_path):
+    _chain(lane, tmp_path, 6, last=("sleep", "30"))
+    began = time.monotonic()
+    got = lane.reap(10.0, -1, 1.0)
+    waited = time.monotonic() - began
+    try:
+        assert [r[0] for r in got] == [1, 2, 3, 4, 5], "every plain success, in order, in one call"
+        assert all(r[3] == 0 and [item[0] for item in r[7]] == [r[0] + 1] for r in got)
+        assert 1.0 <= waited < 5.0, "it returned a hold after the first end, not at the timeout"
+        assert [t for t, _, _ in lane.running()] == [6]
+    finally:
+        _kill_taken(lane, 6)
+
+
+def test_a_waiting_reap_returns_at_once_for_an_end_the_caller_must_see(lane, tmp_path):
+    """A failure, or a success with nothing queued behind it (its slot goes idle), ends the
+    wait as it is reaped, while another attempt still runs: the chain's ends before it come
+    with it."""
+    lane.start(10, 1, SLEEP, ["sleep", "30"], [], str(tmp_path / "10.log"))
+    try:
+        for last, status in ((("false",), 1 << 8), (("true",), 0)):
+            _chain(lane, tmp_path, 3, last=last)
+            began = time.monotonic()
+            got = lane.reap(30.0, -1, 30.0)
+            assert time.monotonic() - began < 10.0
+            assert [(r[0], r[3]) for r in got] == [(1, 0), (2, 0), (3, status)] and got[2][7] == ()
+            assert [t for t, _, _ in lane.running()] == [10]
+    finally:
+        _kill_taken(lane, 10)
+
+
+def test_a_waiting_reap_returns_when_its_wake_fd_is_readable_or_at_its_timeout(lane, tmp_path):
+    lane.start(1, 1, SLEEP, ["sleep", "30"], [], str(tmp_path / "1.log"))
+    read, write = os.pipe()
+    try:
+        began = time.monotonic()
+        assert lane.reap(0.2, read, 1.0) == [] and 0.2 <= time.monotonic() - began < 5.0
+        os.write(write, b"x")
+        began = time.monotonic()
+        assert lane.reap(30.0, read, 1.0) == [] and time.monotonic() - began < 5.0
+    finally:
+        os.close(read)
+        os.close(write)
+        _kill_taken(lane, 1)
+
+
+def _kill_taken(lane, task: int) -> None:
+    """Take attempt 1 of ``task`` out of the lane, kill it and wait for it."""
+    pid, pidfd, _, _ = lane.take(task, 1)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    os.close(pidfd)
+
+
 def _run(tmp_path, task, command, after=-1, timeout=0.0) -> RunTask:
     return RunTask(task, 1, 0, f"t{task}", "lbl", "n0", command, None, str(tmp_path / f"t{task}.log"),
                    timeout, 100, 1, after)
@@ -194,6 +257,36 @@ def test_a_chain_queued_in_the_lane_runs_in_order_and_a_failure_stops_the_lane_s
     assert order.read_text().split() == ["1", "2", "3"]   # 3 started from Python, after 2's report
     assert all(r.start <= r.end for r in results) and results[1].end <= results[2].start
     assert not agent.busy and not agent.unreported and not agent.lane_queued
+
+
+def test_an_agent_waiting_in_the_lane_reports_the_chain_it_gathered_with_oom_counts_read_before(tmp_path, monkeypatch):
+    """``wait(hold=...)`` lets the lane run a chain of short attempts with no Python turn between
+    them; the next step reports them in order, and what the lane launched meanwhile counts
+    kernel OOM kills from the count read before the wait (never from one read after its launch)."""
+    import pilot.agent
+
+    reads = iter(range(100, 200))
+    monkeypatch.setattr(pilot.agent.nodes, "recent_oom_kill_count", lambda max_age=0.01: next(reads))
+    monkeypatch.setattr(pilot.agent, "OOM_READ_MAX_AGE", 30.0)   # the wait may last its hold
+    sent = []
+    agent = Agent(sent.append, WatchConfig(sample_interval=30.0), started_delay=30.0)
+    agent.handle(_run(tmp_path, 1, ["sleep", "0.2"]))   # still running at the first step
+    agent.handle(_run(tmp_path, 2, ["true"], after=1))
+    agent.handle(_run(tmp_path, 3, ["sleep", "30"], after=2))
+    try:
+        agent.step()   # as the agent's loop does before it waits: the first memory sample is set
+        began = time.monotonic()
+        assert agent.wait(10.0, hold=0.5)
+        assert 0.5 <= time.monotonic() - began < 5.0 and not sent, "gathered, not reported yet"
+        before_wait = agent._oom_at_wait
+        assert agent.step()
+        assert [(m.task, m.failure) for m in sent] == [(1, Failure.NONE), (2, Failure.NONE)]
+        assert set(agent.fast) == {3} and agent.fast[3][1] == before_wait
+        assert not agent.unreported - {3} and not agent.waiting
+    finally:
+        agent.kill(ALL_TASKS, 0, Failure.INTERRUPTED, hard=True)
+        agent.stop_seen = True
+    assert [(r.task, r.failure) for r in _results(agent, sent, 3)][2:] == [(3, Failure.INTERRUPTED)]
 
 
 def test_a_long_attempt_leaves_the_lane_to_be_sampled_and_is_killed_over_its_memory(tmp_path):
