@@ -17,8 +17,9 @@ pilot's task logs:
   launch, pidfd, reaping, group kill of leftovers, result), woken by the pidfds as the agent is;
 - ``agent``: :class:`pilot.agent.Agent` given every attempt at once, queued ahead in
   ``concurrency`` chains as rank 0 queues them (each starts as the one before it ends), its
-  results encoded for the wire as the transport does (``to_wire``, pickled 8 a batch): the
-  runner plus the agent's bookkeeping, without MPI or rank 0.
+  results encoded for the wire as the transport does (``to_wire``, pickled 8 a batch), waiting
+  in the lane as an agent rank does (``hold`` of ``REPORT_HOLD_S``): the runner plus the
+  agent's bookkeeping, without MPI or rank 0.
 
 Printed per loop (median over rounds): launches/s, the parent's own CPU in microseconds per
 launch (the launcher's overhead: Python, syscalls; the child's exec is not in it) and the
@@ -46,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 import bare_launch  # noqa: E402  (beside this script)
 from pilot.agent import Agent  # noqa: E402
+from pilot.agent_loop import REPORT_HOLD_S  # noqa: E402
 from pilot.protocol import RunTask, to_wire  # noqa: E402
 from pilot.runner import Runner, WatchConfig, log_path  # noqa: E402
 
@@ -131,7 +133,7 @@ def agent_loop(n: int, concurrency: int, logdir: Path) -> None:
         agent.handle(null_run(i, logdir, i - concurrency if i >= concurrency else -1))
     while agent.busy or agent.waiting:
         if not agent.step():
-            agent.wait(5.0)
+            agent.wait(5.0, hold=REPORT_HOLD_S)   # as an agent rank waits (in the lane, gathering)
 
 
 def bare_launcher(how):
