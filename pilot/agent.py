@@ -16,7 +16,9 @@ The lane: where tasks start natively, an attempt (not LSST warm mode, and withou
 with one over ``LANE_TIMEOUT_SAMPLES`` memory intervals) runs in ``pilot._launch.Lane``
 (native/lane.c), which launches it, watches its pidfd and reaps it in C, and launches a
 ``RunTask`` queued behind it in the same call when it exits 0: a short task then costs the
-agent's Python its result and little else. Whatever needs more than that takes the attempt out
+agent's Python its result and little else; when every attempt is in the lane, the agent waits in
+it (:meth:`Agent.wait` with a ``hold``), and a chain of such ends costs one Python turn per hold
+rather than one per task. Whatever needs more than that takes the attempt out
 of the lane into a :class:`~pilot.runner.Runner` first (a kill, a memory sample, which is due
 only once it has run ``sample_interval``); an attempt that did not exit 0 is classified by a
 Runner too, and what waited behind it starts as the report of its end says, from Python.

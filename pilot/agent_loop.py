@@ -3,7 +3,9 @@
 While attempts run, the loop waits on their pidfds and the lane (a finished task wakes it at
 once) and on the transport's ``wake_fd`` (a message from the master wakes it at once), and
 probes the transport between waits with the transport's back-off; when idle it only polls the
-transport.
+transport. When every attempt runs in the lane it waits in the lane, which reaps the attempts
+that exit 0 and starts what is queued behind them by itself for up to ``REPORT_HOLD_S`` (see
+:meth:`pilot.agent.Agent.wait`): their reports leave together after that wait.
 
 Messages to the master are few. Each loop iteration's messages leave as one batch, and reports
 of attempts whose slot went straight to a task queued behind them may wait up to
