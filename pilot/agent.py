@@ -106,11 +106,7 @@ class Agent:
         self.fast: dict[int, tuple[RunTask, int | None]] = {}   # task -> its attempt in the lane, OOM count before
         self.lane_queued: set[int] = set()   # tasks the lane launches when what they wait for exits 0
         self._lane_ready = False   # its descriptor was readable: something there ended
-        # Ends the lane gathered while this agent waited in it (see wait), and the OOM-kill count
-        # read before that wait: the count "before the launch" of what it launched meanwhile.
-        self._gathered: list = []
-        self._oom_at_wait: int | None = None
-        self._oom_launched = _FRESH   # the count for what _lane_reap's ends launched (see there)
+        self._oom_launched: int | None = None   # the OOM-kill count before _lane_reap's launches
         self._lane_fd = -1 if self.lane is None else self.lane.fileno()
         if self.lane is not None:
             self._epoll.register(self._lane_fd, select.EPOLLIN)
@@ -262,18 +258,17 @@ class Agent:
             self.lane_queued.discard(task)
             self.lane.drop(task)
 
-    def _lane_reap(self, now: float) -> bool:
-        """Report what ended in the lane (gathered during a wait, and since), and note what it
-        launched behind them."""
+    def _lane_reap(self, now: float, gathered: list | None = None, oom_at_wait: int | None = None) -> bool:
+        """Report what ended in the lane (``gathered`` by a wait in it, whose launches count OOM
+        kills from ``oom_at_wait``, and what ended since), and note what it launched behind them."""
         if self.stop_seen or self.stopped:
             self.lane.stop()   # nothing queued starts once the run stops
         # The OOM-kill count before those launches: read before this reap launches any, or before
         # the wait that gathered some (an older count can only take another task's kill for this
         # one's, never miss this one's)
-        if self._gathered:
-            ended, self._gathered = self._gathered, []
-            self._oom_launched = self._oom_at_wait
-            ended += self.lane.reap()
+        if gathered:
+            self._oom_launched = oom_at_wait
+            ended = gathered + self.lane.reap()
         else:
             self._oom_launched = nodes.recent_oom_kill_count(OOM_READ_MAX_AGE)
             ended = self.lane.reap()
@@ -299,10 +294,7 @@ class Agent:
         for task, attempt, pid, start, error in launched:
             if task == run.task and attempt == run.attempt:
                 if pid:
-                    oom_before = self._oom_launched
-                    if oom_before is _FRESH:
-                        oom_before = nodes.recent_oom_kill_count(OOM_READ_MAX_AGE)
-                    self._in_lane(run, pid, start, oom_before)
+                    self._in_lane(run, pid, start, self._oom_launched)   # set by _lane_reap
                 else:
                     runner = Runner(run, self.watch)
                     runner.start_time = start
@@ -350,10 +342,9 @@ class Agent:
         for key in self._exited():
             self._report(self._reap(key), now)
             ended = True
-        if self._lane_ready or self._gathered:
+        if self._lane_ready:
             self._lane_ready = False
             ended = self._lane_reap(now) or ended
-            self._oom_launched = _FRESH
         return ended
 
     def _reap(self, key: tuple[int, int]) -> TaskFinished:
@@ -460,7 +451,8 @@ class Agent:
         ``hold`` > 0: when every attempt here runs in the lane, the lane itself waits, and for
         up to ``hold`` s after the first end it gathers the attempts that exit 0 with the next one
         launched behind them (see native/lane.c, reap_waiting); anything else ends the wait at
-        once. The next :meth:`step` reports what it gathered."""
+        once. What it gathered is reported before this returns (True then), so that this agent's
+        attempts are the lane's again before anything acts on them (a kill, a queued task)."""
         self.watch_wake_fd(wake_fd)
         if self.runners or self.fast or self.starts:
             due = [self._next_sample] + [d for k in self._timed if (d := self.runners[k].next_deadline)]
@@ -472,18 +464,16 @@ class Agent:
         if hold > 0 and self.fast and not self.runners and not self.held and len(self._wake_fds) <= 1:
             # What it launches counts OOM kills from this read: shared by launches OOM_READ_MAX_AGE
             # apart at most, as elsewhere, and the wait is no longer than that either
-            self._oom_at_wait = nodes.recent_oom_kill_count(OOM_READ_MAX_AGE)
+            oom_before = nodes.recent_oom_kill_count(OOM_READ_MAX_AGE)
             wake = next(iter(self._wake_fds), -1)
             gathered = self.lane.reap(min(timeout, OOM_READ_MAX_AGE), wake, hold)
-            self._gathered += gathered
+            if gathered:
+                self._lane_reap(time.monotonic(), gathered, oom_before)
             return bool(gathered)
         # select, not epoll.poll: epoll rounds its timeout up to a millisecond, and the
         # transport's back-off after a ring asks for 50 us
         readable, _, _ = select.select([self._epoll], [], [], timeout)
         return bool(readable)
-
-
-_FRESH = object()   # _oom_launched: read the OOM-kill count at each launch
 
 
 def _not_started(run: RunTask) -> TaskFinished:

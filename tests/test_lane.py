@@ -275,13 +275,14 @@ def test_an_agent_waiting_in_the_lane_reports_the_chain_it_gathered_with_oom_cou
     agent.handle(_run(tmp_path, 3, ["sleep", "30"], after=2))
     try:
         agent.step()   # as the agent's loop does before it waits: the first memory sample is set
+        assert not sent and next(reads) == 101   # one read, at task 1's launch
         began = time.monotonic()
         assert agent.wait(10.0, hold=0.5)
-        assert 0.5 <= time.monotonic() - began < 5.0 and not sent, "gathered, not reported yet"
-        before_wait = agent._oom_at_wait
-        assert agent.step()
+        assert 0.5 <= time.monotonic() - began < 5.0
+        # reported as the wait returns: the agent's attempts are the lane's again
         assert [(m.task, m.failure) for m in sent] == [(1, Failure.NONE), (2, Failure.NONE)]
-        assert set(agent.fast) == {3} and agent.fast[3][1] == before_wait
+        assert set(agent.fast) == {3} and [t for t, _, _ in agent.lane.running()] == [3]
+        assert agent.fast[3][1] == 102, "the count read before the wait, not one after the launch"
         assert not agent.unreported - {3} and not agent.waiting
     finally:
         agent.kill(ALL_TASKS, 0, Failure.INTERRUPTED, hard=True)

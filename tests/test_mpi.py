@@ -288,6 +288,33 @@ def test_sigterm_with_tasks_queued_ahead_exits_3_and_a_rerun_redoes_nothing_done
     assert {r.task for r in read_records(record)} == set(ids)
 
 
+def _logs_made(folder: Path) -> int:
+    return sum(len(os.listdir(shard)) for shard in folder.glob("0*"))
+
+
+def test_sigterm_while_agents_wait_in_their_lane_exits_3_with_no_attempt_lost(tmp_path):
+    """Null tasks run in the agents' lanes, where the agents wait, the lane gathering ends and
+    starting what is queued behind them. A SIGTERM (or the drain's Kill) ends such a wait: the
+    agent reports what its lane gathered before it acts on its attempts, so the kill finds in
+    the lane exactly what runs there, and the run drains and exits 3."""
+    from pilot.checkpoint import load_checkpoint
+    from pilot.events import State
+
+    n = 4000
+    wf = tmp_path / "null.yaml"
+    wf.write_text("requestMemory: 10\ntasks:\n" + "".join(f'  - {{id: n{i:04d}, command: ["true"]}}\n'
+                                                         for i in range(n)))
+    node = ["--node-per-rank", "--node-memory", "1000", "--node-cores", "2"]
+    code, err, took, _ = _signal_when(3, wf, tmp_path, node, lambda: _logs_made(tmp_path / "ckpt.h5.logs") >= 1000,
+                                      60, "1000 attempts started")
+    assert "Traceback" not in err, err[-3000:]
+    assert_exit(code, tmp_path, 3, err)
+    assert took < 10, f"took {took:.1f} s"
+    table = load_checkpoint(tmp_path / "ckpt.h5").table
+    assert 1000 <= (table.state == State.DONE).sum() < n
+    assert not ((table.state == State.LAUNCHED) | (table.state == State.RUNNING)).any()
+
+
 def test_walltime_drains_and_exits_3(tmp_path):
     wf, _ = workflow("long", tmp_path)
     began = time.monotonic()
