@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import bare_launch  # noqa: E402  (beside this script)
+from pilot.runner import log_folder, log_path_in  # noqa: E402
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -88,11 +89,12 @@ def bare_loop(tasks: int, concurrency: int, spawn: str, logdir: Path | None = No
     os.posix_spawn, CPython's fork_exec or the pilot's native launch (``spawn``); with ``logdir``
     each task's output goes to a new file laid out as the pilot's task logs."""
     launch = {"popen": spawn_popen, "posix": spawn_posix, "fork_exec": spawn_fork_exec, "native": spawn_native}[spawn]
+    folder = None if logdir is None else log_folder(logdir)   # as log_path_in takes it, made once
     (own0, kids0), began = cpu_split(), time.perf_counter()
     running, started = 0, 0
     while started < tasks or running:
         while started < tasks and running < concurrency:
-            launch(started, logdir)
+            launch(started, folder)
             started, running = started + 1, running + 1
         os.wait()
         running -= 1
@@ -100,21 +102,22 @@ def bare_loop(tasks: int, concurrency: int, spawn: str, logdir: Path | None = No
     return Figures(tasks / elapsed, 1e3 * (own1 - own0) / tasks, 1e3 * (kids1 - kids0) / tasks)
 
 
-def _log_file(i: int, logdir: Path) -> str:
-    """The log of task ``i``, laid out as the pilot's, its path made as the pilot makes it (one
-    string format: pathlib's joins would cost the loop more than creating the file does)."""
-    folder = f"{os.fspath(logdir)}/{i // 1000:05d}"
+def _log_file(i: int, folder: str) -> str:
+    """The log of task ``i`` under ``folder`` (a :func:`log_folder`), its path made by the pilot's
+    own ``log_path_in`` (one string format: pathlib's joins would cost the loop more than creating
+    the file does)."""
+    path = log_path_in(folder, i, f"t{i}", 1)
     if i % 1000 == 0:
-        os.makedirs(folder, exist_ok=True)
-    return f"{folder}/t{i}.1.log"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
 
 
-def spawn_popen(i: int, logdir: Path | None) -> None:
-    if logdir is None:
+def spawn_popen(i: int, folder: str | None) -> None:
+    if folder is None:
         proc = subprocess.Popen(["true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     else:
-        with open(_log_file(i, logdir), "ab") as log:
+        with open(_log_file(i, folder), "ab") as log:
             proc = subprocess.Popen(["true"], stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
     proc.returncode = 0   # the loop reaps it with os.wait; keep Popen's finaliser from trying
@@ -124,8 +127,8 @@ TRUE = shutil.which("true")
 LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND
 
 
-def spawn_posix(i: int, logdir: Path | None) -> None:
-    out = "/dev/null" if logdir is None else _log_file(i, logdir)
+def spawn_posix(i: int, folder: str | None) -> None:
+    out = "/dev/null" if folder is None else _log_file(i, folder)
     os.posix_spawn(TRUE, ["true"], os.environ, setsid=True, file_actions=[
         (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
         (os.POSIX_SPAWN_OPEN, 1, out, LOG_FLAGS, 0o644),
@@ -135,13 +138,13 @@ def spawn_posix(i: int, logdir: Path | None) -> None:
 ENV_ENTRIES = bare_launch.env_entries()
 
 
-def spawn_fork_exec(i: int, logdir: Path | None) -> None:
-    bare_launch.fork_exec(TRUE, ENV_ENTRIES, os.devnull if logdir is None else _log_file(i, logdir))
+def spawn_fork_exec(i: int, folder: str | None) -> None:
+    bare_launch.fork_exec(TRUE, ENV_ENTRIES, os.devnull if folder is None else _log_file(i, folder))
 
 
-def spawn_native(i: int, logdir: Path | None) -> None:
+def spawn_native(i: int, folder: str | None) -> None:
     """The agents' launch (pilot._launch), without an agent around it."""
-    bare_launch.native(TRUE, ENV_ENTRIES, os.devnull if logdir is None else _log_file(i, logdir))
+    bare_launch.native(TRUE, ENV_ENTRIES, os.devnull if folder is None else _log_file(i, folder))
 
 
 PILOT_OPTIONS: list[str] = []   # more `pilot run` options (--pilot-option)
