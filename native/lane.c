@@ -263,8 +263,9 @@ static PyObject *Lane_drop(Lane *self, PyObject *args)
     Py_RETURN_TRUE;
 }
 
-/* Launch one queued attempt (as start() does); what reap() says of it, or NULL. */
-static PyObject *launch_queued(Lane *self, Queued *q)
+/* Launch one queued attempt (as start() does); what reap() says of it, or NULL. *failed is set
+ * when the launch failed. */
+static PyObject *launch_queued(Lane *self, Queued *q, int *failed)
 {
     int error = 0;
     pid_t pid = 0;
@@ -275,13 +276,15 @@ static PyObject *launch_queued(Lane *self, Queued *q)
         PyErr_Clear();
         error = ENOMEM;
     }
+    *failed |= status != NONE;
     return Py_BuildValue("(iiidi)", q->task, q->attempt, status == NONE ? (int)pid : 0, start,
                          status == NONE ? 0 : error);
 }
 
 /* Launch (if `go`) or drop, in the order they were queued, what waited for task `after`: a
- * tuple of what was launched or failed to, or NULL with an exception set. */
-static PyObject *launch_behind(Lane *self, int after, int go)
+ * tuple of what was launched or failed to, or NULL with an exception set; *failed is set when a
+ * launch failed (`failed` may be NULL when not `go`). */
+static PyObject *launch_behind(Lane *self, int after, int go, int *failed)
 {
     PyObject *after_obj = PyLong_FromLong(after), *list = NULL, *out = NULL;
     if (after_obj == NULL)
@@ -307,7 +310,7 @@ static PyObject *launch_behind(Lane *self, int after, int go)
         }
         Py_DECREF(task_obj);
         if (go) {
-            PyObject *item = launch_queued(self, q);
+            PyObject *item = launch_queued(self, q, failed);
             if (item == NULL) {
                 Py_CLEAR(out);
                 goto done;
@@ -352,14 +355,11 @@ static int reap_ready(Lane *self, PyObject *out, int *needs_python)
         }
         double end = clock_now(CLOCK_REALTIME);
         int go = !self->stopped && WIFEXITED(status) && WEXITSTATUS(status) == 0;
-        PyObject *launched = launch_behind(self, gone.task, go);
+        int failed_launch = 0;
+        PyObject *launched = launch_behind(self, gone.task, go, &failed_launch);
         if (launched == NULL)
             return -1;
-        Py_ssize_t k = PyTuple_GET_SIZE(launched);
-        int failed_launch = 0;
-        for (Py_ssize_t j = 0; j < k; j++)
-            failed_launch |= PyLong_AsLong(PyTuple_GET_ITEM(PyTuple_GET_ITEM(launched, j), 2)) == 0;
-        if (!go || k == 0 || failed_launch)
+        if (!go || PyTuple_GET_SIZE(launched) == 0 || failed_launch)
             *needs_python = 1;
         PyObject *item = Py_BuildValue("(iiiidddN)", gone.task, gone.attempt, (int)gone.pid, status,
                                        (double)usec / 1e6, gone.start, end, launched);
@@ -440,7 +440,7 @@ static PyObject *Lane_take(Lane *self, PyObject *args)
     for (Py_ssize_t i = 0; i < self->nlive; i++)
         if (self->live[i].task == task && self->live[i].attempt == attempt) {
             Live gone = remove_live(self, i);
-            PyObject *dropped = launch_behind(self, task, 0);
+            PyObject *dropped = launch_behind(self, task, 0, NULL);   /* drops: launches nothing */
             if (dropped == NULL)
                 return NULL;
             Py_DECREF(dropped);

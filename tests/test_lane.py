@@ -171,9 +171,9 @@ def test_a_waiting_reap_gathers_a_chain_of_successes_until_its_hold(lane, tmp_pa
 
 
 def test_a_waiting_reap_returns_at_once_for_an_end_the_caller_must_see(lane, tmp_path):
-    """A failure, or a success with nothing queued behind it (its slot goes idle), ends the
-    wait as it is reaped, while another attempt still runs: the chain's ends before it come
-    with it."""
+    """A failure, a success with nothing queued behind it (its slot goes idle), or one whose
+    queued launch fails ends the wait as it is reaped, while another attempt still runs: the
+    chain's ends before it come with it."""
     lane.start(10, 1, SLEEP, ["sleep", "30"], [], str(tmp_path / "10.log"))
     try:
         for last, status in ((("false",), 1 << 8), (("true",), 0)):
@@ -183,6 +183,14 @@ def test_a_waiting_reap_returns_at_once_for_an_end_the_caller_must_see(lane, tmp
             assert time.monotonic() - began < 10.0
             assert [(r[0], r[3]) for r in got] == [(1, 0), (2, 0), (3, status)] and got[2][7] == ()
             assert [t for t, _, _ in lane.running()] == [10]
+        # a launch behind an end that fails ends the wait too
+        lane.start(1, 1, TRUE, ["true"], [], str(tmp_path / "1.log"))
+        lane.queue(1, 2, 1, str(tmp_path / "nowhere"), ["nowhere"], [], str(tmp_path / "2.log"))
+        began = time.monotonic()
+        [(task, _, _, status, _, _, _, launched)] = lane.reap(30.0, -1, 30.0)
+        assert time.monotonic() - began < 10.0
+        assert (task, status) == (1, 0) and [(t, pid, error) for t, _, pid, _, error in launched] == [(2, 0, errno.ENOENT)]
+        assert [t for t, _, _ in lane.running()] == [10]
     finally:
         _kill_taken(lane, 10)
 
