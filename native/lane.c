@@ -2,9 +2,10 @@
  * (see pilot/agent.py, "the lane").
  *
  * Lane(stdin_fd)
- * start(task, attempt, program, argv, env, log) -> (pid, start)
+ * start(task, attempt, program, argv, env, log, base=None) -> (pid, start)
  *   launch now, as launch() does; `start` is the wall-clock time (time.time()) of the launch.
- * queue(after, task, attempt, program, argv, env, log)
+ *   `base`: an Environ whose entries come before `env`'s (see launch.c).
+ * queue(after, task, attempt, program, argv, env, log, base=None)
  *   launch when the attempt of task `after` now in the lane is reaped having exited 0, unless
  *   the lane has stopped by then (else it is dropped: the caller starts it, or not).
  * drop(task) -> bool: forget what was queued for `task`.
@@ -177,14 +178,14 @@ static int launch_live(Lane *self, int task, int attempt, const Prepared *p, pid
 
 static PyObject *Lane_start(Lane *self, PyObject *args)
 {
-    PyObject *program, *argv, *env, *log;
+    PyObject *program, *argv, *env, *log, *base = NULL;
     int task, attempt, error = 0;
     pid_t pid = 0;
     double start;
     Prepared p;
-    if (!PyArg_ParseTuple(args, "iiOOOO:start", &task, &attempt, &program, &argv, &env, &log))
+    if (!PyArg_ParseTuple(args, "iiOOOO|O:start", &task, &attempt, &program, &argv, &env, &log, &base))
         return NULL;
-    if (prepare(program, argv, env, log, &p) < 0)
+    if (prepare(program, argv, env, log, base, &p) < 0)
         return NULL;
     int status = launch_live(self, task, attempt, &p, &pid, &start, &error);
     release(&p);
@@ -197,14 +198,14 @@ static PyObject *Lane_start(Lane *self, PyObject *args)
 
 static PyObject *Lane_queue(Lane *self, PyObject *args)
 {
-    PyObject *program, *argv, *env, *log, *after_obj, *task_obj, *capsule, *list;
+    PyObject *program, *argv, *env, *log, *base = NULL, *after_obj, *task_obj, *capsule, *list;
     int after, task, attempt;
-    if (!PyArg_ParseTuple(args, "iiiOOOO:queue", &after, &task, &attempt, &program, &argv, &env, &log))
+    if (!PyArg_ParseTuple(args, "iiiOOOO|O:queue", &after, &task, &attempt, &program, &argv, &env, &log, &base))
         return NULL;
     Queued *q = PyMem_Malloc(sizeof(Queued));
     if (q == NULL)
         return PyErr_NoMemory();
-    if (prepare(program, argv, env, log, &q->args) < 0) {
+    if (prepare(program, argv, env, log, base, &q->args) < 0) {
         PyMem_Free(q);
         return NULL;
     }
@@ -485,8 +486,8 @@ static Py_ssize_t Lane_len(Lane *self)
 }
 
 static PyMethodDef Lane_methods[] = {
-    {"start", (PyCFunction)Lane_start, METH_VARARGS, "start(task, attempt, program, argv, env, log) -> (pid, start)"},
-    {"queue", (PyCFunction)Lane_queue, METH_VARARGS, "queue(after, task, attempt, program, argv, env, log)"},
+    {"start", (PyCFunction)Lane_start, METH_VARARGS, "start(task, attempt, program, argv, env, log, base=None) -> (pid, start)"},
+    {"queue", (PyCFunction)Lane_queue, METH_VARARGS, "queue(after, task, attempt, program, argv, env, log, base=None)"},
     {"drop", (PyCFunction)Lane_drop, METH_VARARGS, "drop(task) -> bool"},
     {"reap", (PyCFunction)Lane_reap, METH_VARARGS,
      "reap(timeout=0.0, wake_fd=-1, hold=0.0) -> [(task, attempt, pid, status, cpu, start, end, launched)]"},

@@ -9,6 +9,11 @@
  *   fails is reported by the child through memory it shares with the parent until exec (vfork):
  *   no error pipe. Raises OSError (the log cannot be opened, the program cannot be run).
  *
+ * Environ(entries): environment entries converted once for many launches (those of one label
+ *   on one node share all their variables but the task's id and attempt). Lane.start and
+ *   Lane.queue take one as `base`: the child's environment is its entries, then `env`'s. Each
+ *   launch then converts only its own few entries, not the agent's whole environment.
+ *
  * reap(pid, pidfd) -> (status, cpu_seconds)
  *   for a child whose main process has ended (its pidfd is readable): kill what is left of its
  *   process group while the leader is a zombie (its pid cannot have been reused), wait for it,
@@ -40,16 +45,17 @@
 #endif
 #define PILOT_CLOSE_RANGE_CLOEXEC (1U << 2)
 
-/* A NULL-terminated array of the C strings of `seq` (str encoded as os.fsencode does);
- * `owned` keeps the encoded objects alive. NULL with an exception set on error. */
-static char **c_strings(PyObject *seq, PyObject **owned, const char *what)
+/* A NULL-terminated array of the `nfirst` strings of `first` (owned elsewhere), then the C
+ * strings of `seq` (str encoded as os.fsencode does); `owned` keeps the encoded objects alive.
+ * NULL with an exception set on error. */
+static char **c_strings(PyObject *seq, PyObject **owned, const char *what, char **first, Py_ssize_t nfirst)
 {
     PyObject *fast = PySequence_Fast(seq, what);
     if (fast == NULL)
         return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
     PyObject *keep = PyList_New(n);
-    char **out = PyMem_Calloc((size_t)n + 1, sizeof(char *));
+    char **out = PyMem_Calloc((size_t)(nfirst + n) + 1, sizeof(char *));
     if (keep == NULL || out == NULL) {
         Py_DECREF(fast);
         Py_XDECREF(keep);
@@ -65,13 +71,65 @@ static char **c_strings(PyObject *seq, PyObject **owned, const char *what)
             PyMem_Free(out);
             return NULL;   /* TypeError, or ValueError for an embedded NUL */
         }
-        out[i] = PyBytes_AS_STRING(encoded);
+        out[nfirst + i] = PyBytes_AS_STRING(encoded);
         PyList_SET_ITEM(keep, i, encoded);
     }
+    if (nfirst > 0)
+        memcpy(out, first, (size_t)nfirst * sizeof(char *));
     Py_DECREF(fast);
     *owned = keep;
     return out;
 }
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t n;
+    char **entries;   /* NULL-terminated; the strings belong to `owned` */
+    PyObject *owned;
+} Environ;
+
+static PyObject *Environ_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *entries;
+    static char *names[] = {"entries", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:Environ", names, &entries))
+        return NULL;
+    Environ *self = (Environ *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->entries = c_strings(entries, &self->owned, "entries must be a sequence", NULL, 0);
+    if (self->entries == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->n = PyList_GET_SIZE(self->owned);
+    return (PyObject *)self;
+}
+
+static void Environ_dealloc(Environ *self)
+{
+    PyMem_Free(self->entries);
+    Py_XDECREF(self->owned);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static Py_ssize_t Environ_len(Environ *self)
+{
+    return self->n;
+}
+
+static PySequenceMethods Environ_sequence = {.sq_length = (lenfunc)Environ_len};
+
+static PyTypeObject EnvironType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pilot._launch.Environ",
+    .tp_doc = "Environ(entries): environment entries converted once, for Lane.start/queue's base",
+    .tp_basicsize = sizeof(Environ),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = Environ_new,
+    .tp_dealloc = (destructor)Environ_dealloc,
+    .tp_as_sequence = &Environ_sequence,
+};
 
 /* The child, between vfork and exec: only async-signal-safe calls, no allocation, nothing
  * written to the parent's memory but *exec_errno. Every signal is blocked on entry. */
@@ -186,23 +244,33 @@ void release(Prepared *p)
     p->argv = p->env = NULL;
 }
 
-/* 0, or -1 with an exception set (TypeError, or ValueError for an empty argv or an embedded NUL). */
+/* 0, or -1 with an exception set (TypeError, or ValueError for an empty argv or an embedded NUL).
+ * `base` (NULL or None: none) is an Environ whose entries come before `env`'s; `p` keeps it. */
 int prepare(PyObject *program_obj, PyObject *argv_obj, PyObject *env_obj, PyObject *log_obj,
-                   Prepared *p)
+            PyObject *base_obj, Prepared *p)
 {
     PyObject *program = NULL, *log = NULL, *argv_keep = NULL, *env_keep = NULL;
+    Environ *base = NULL;
     memset(p, 0, sizeof *p);
+    if (base_obj != NULL && base_obj != Py_None) {
+        if (!PyObject_TypeCheck(base_obj, &EnvironType)) {
+            PyErr_SetString(PyExc_TypeError, "base must be an Environ");
+            return -1;
+        }
+        base = (Environ *)base_obj;
+    }
     if (!PyUnicode_FSConverter(program_obj, &program) || !PyUnicode_FSConverter(log_obj, &log))
         goto fail;
-    if ((p->argv = c_strings(argv_obj, &argv_keep, "argv must be a sequence")) == NULL)
+    if ((p->argv = c_strings(argv_obj, &argv_keep, "argv must be a sequence", NULL, 0)) == NULL)
         goto fail;
     if (p->argv[0] == NULL) {
         PyErr_SetString(PyExc_ValueError, "empty command");
         goto fail;
     }
-    if ((p->env = c_strings(env_obj, &env_keep, "env must be a sequence")) == NULL)
+    p->env = c_strings(env_obj, &env_keep, "env must be a sequence", base ? base->entries : NULL, base ? base->n : 0);
+    if (p->env == NULL)
         goto fail;
-    if ((p->keep = PyTuple_Pack(4, program, log, argv_keep, env_keep)) == NULL)
+    if ((p->keep = PyTuple_Pack(5, program, log, argv_keep, env_keep, base ? base_obj : Py_None)) == NULL)
         goto fail;
     p->program = PyBytes_AS_STRING(program), p->log = PyBytes_AS_STRING(log);
     Py_DECREF(program), Py_DECREF(log), Py_DECREF(argv_keep), Py_DECREF(env_keep);
@@ -223,7 +291,7 @@ static PyObject *launch(PyObject *self, PyObject *args)
     enum failure failed;
     if (!PyArg_ParseTuple(args, "OOOOi:launch", &program_obj, &argv_obj, &env_obj, &log_obj, &stdin_fd))
         return NULL;
-    if (prepare(program_obj, argv_obj, env_obj, log_obj, &p) < 0)
+    if (prepare(program_obj, argv_obj, env_obj, log_obj, NULL, &p) < 0)
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     failed = spawn_task(p.program, p.argv, p.env, p.log, stdin_fd, &pid, &pidfd, &error);
@@ -290,14 +358,13 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "pilot._launch",
 
 PyMODINIT_FUNC PyInit__launch(void)
 {
-    if (PyType_Ready(&LaneType) < 0)
+    if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&EnvironType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    Py_INCREF(&LaneType);
-    if (PyModule_AddObject(m, "Lane", (PyObject *)&LaneType) < 0) {
-        Py_DECREF(&LaneType);
+    if (PyModule_AddObjectRef(m, "Lane", (PyObject *)&LaneType) < 0 ||
+        PyModule_AddObjectRef(m, "Environ", (PyObject *)&EnvironType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -10,14 +10,14 @@ enum failure { NONE, OPEN_LOG, VFORK, EXEC, PIDFD };
 
 /* A launch's arguments in C: what the child is given, and the Python objects that own it. */
 typedef struct {
-    PyObject *keep;   /* program and log (bytes), and the owners of argv's and env's strings */
+    PyObject *keep;   /* program and log (bytes), the owners of argv's and env's strings, the base Environ */
     const char *program, *log;
     char **argv, **env;
 } Prepared;
 
-/* program, argv, env ("NAME=value" entries) and log as launch() takes them; 0, or -1 with an
- * exception set. */
-int prepare(PyObject *program, PyObject *argv, PyObject *env, PyObject *log, Prepared *p);
+/* program, argv, env ("NAME=value" entries) and log as launch() takes them, and base (NULL or
+ * None, or an Environ whose entries come first); 0, or -1 with an exception set. */
+int prepare(PyObject *program, PyObject *argv, PyObject *env, PyObject *log, PyObject *base, Prepared *p);
 void release(Prepared *p);
 
 /* Open the log, vfork and exec, open the pidfd: without the GIL. On failure nothing is left

@@ -155,7 +155,7 @@ def set_run_tag(tag: str | None) -> None:
     """Every attempt launched from now on carries ``PILOT_RUN=tag`` (see :mod:`pilot.leftovers`;
     None: no tag)."""
     _run_tag[:] = [tag] if tag else []
-    for cached in (_agent_env, _agent_envb, _shape_entries, _shape_envb):
+    for cached in (_agent_env, _agent_envb, _shape_entries, _shape_envb, _shape_environ):
         cached.cache_clear()
 
 
@@ -224,8 +224,12 @@ def _task_env_entries(run: RunTask) -> tuple[list[bytes], bytes | None]:
             raise ValueError("illegal environment variable name")
         return [k + b"=" + v for k, v in env.items()], env.get(b"PATH")
     shared, path = _shape_entries(run.label, run.node_name, run.memory_mb, run.cpus)
-    return shared + [b"PILOT_TASK_ID=" + run.task_id.encode(FS_ENCODING, FS_ERRORS),
-                     b"PILOT_ATTEMPT=%d" % run.attempt], path
+    return shared + _own_entries(run), path
+
+
+def _own_entries(run: RunTask) -> list[bytes]:
+    """The entries of :func:`task_env` that differ between launches of one shape: id and attempt."""
+    return [b"PILOT_TASK_ID=" + run.task_id.encode(FS_ENCODING, FS_ERRORS), b"PILOT_ATTEMPT=%d" % run.attempt]
 
 
 @functools.lru_cache(maxsize=256)
@@ -234,6 +238,16 @@ def _shape_entries(label: str, node_name: str, memory_mb: int, cpus: int) -> tup
     env = _shape_envb(label, node_name, memory_mb, cpus)
     own = (b"PILOT_TASK_ID", b"PILOT_ATTEMPT")
     return [k + b"=" + v for k, v in env.items() if k not in own], env.get(b"PATH")
+
+
+@functools.lru_cache(maxsize=256)
+def _shape_environ(label: str, node_name: str, memory_mb: int, cpus: int):
+    """The entries of :func:`_shape_entries` converted once for the lane
+    (``pilot._launch.Environ``), and the PATH."""
+    from pilot._launch import Environ
+
+    shared, path = _shape_entries(label, node_name, memory_mb, cpus)
+    return Environ(shared), path
 
 
 @functools.lru_cache(maxsize=256)
@@ -274,18 +288,24 @@ def argv_of(command) -> list[str]:
     return [str(part) for part in command]
 
 
-def lane_args(run: RunTask, timeout_floor: float = math.inf) -> tuple[str, list[str], list[bytes], str] | None:
+def lane_args(run: RunTask, timeout_floor: float = math.inf) -> tuple[str, list[str], list[bytes], str, object] | None:
     """What ``pilot._launch.Lane`` takes to launch ``run`` (program, argv, environment entries,
-    log; the log's folder made), or None for an attempt the lane does not run (a
+    log, and the ``Environ`` of the entries that launches of its label on its node share, which
+    come first, or None; the log's folder made), or None for an attempt the lane does not run (a
     :class:`Runner` watches those): one in LSST warm mode, or one whose timeout is not over
     ``timeout_floor`` seconds (by then the agent must have moved it to a Runner, which watches
     its time). Raises as a launch would (OSError, ValueError) when it cannot be launched."""
     if _warm(run) or (run.timeout and run.timeout <= timeout_floor):
         return None
     _make_dir(run.log.rpartition("/")[0])
-    entries, path = _task_env_entries(run)
+    if run.env:
+        base = None
+        entries, path = _task_env_entries(run)
+    else:   # the shared entries are converted once for the lane, not at every launch
+        base, path = _shape_environ(run.label, run.node_name, run.memory_mb, run.cpus)
+        entries = _own_entries(run)
     argv = argv_of(run.command)
-    return program_of(argv, path), argv, entries, run.log
+    return program_of(argv, path), argv, entries, run.log, base
 
 
 def _warm(run: RunTask) -> bool:

@@ -4,6 +4,7 @@ behind one another in C, with real processes."""
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import select
 import shutil
@@ -16,13 +17,13 @@ from pilot import spawn
 from pilot.agent import Agent
 from pilot.events import Failure, TaskFinished
 from pilot.protocol import ALL_TASKS, Kill, RunTask
-from pilot.runner import WatchConfig
+from pilot.runner import WatchConfig, lane_args, task_env
 from tests.helpers import wait_for
 from tests.test_runner import open_fds
 
 pytestmark = pytest.mark.skipif(not spawn.native_usable(), reason="the lane needs the native launch")
 
-TRUE, SH, SLEEP = "/bin/true", "/bin/sh", "/bin/sleep"
+TRUE, SH, SLEEP, ENV = "/bin/true", "/bin/sh", "/bin/sleep", "/usr/bin/env"
 
 
 def pidfds() -> int:
@@ -120,6 +121,49 @@ def test_a_launch_that_fails_at_once_raises_and_leaves_nothing_open(lane, tmp_pa
     with pytest.raises(ValueError):
         lane.queue(0, 1, 1, TRUE, [], [], str(tmp_path / "1.log"))
     assert len(lane) == 0 and open_fds() <= fds and pidfds() == held   # none added (one may close: an earlier test's objects collected)
+
+
+def test_a_base_environ_comes_before_a_launch_s_own_entries_and_lives_as_long_as_its_launches(lane, tmp_path):
+    base = spawn._launch.Environ([b"A=1", "B=caf\u00e9"])
+    assert len(base) == 2
+    lane.start(1, 1, ENV, ["env"], [b"C=3"], str(tmp_path / "1.log"), base)
+    lane.queue(1, 2, 1, ENV, ["env"], [], str(tmp_path / "2.log"), base)
+    del base   # the queued launch holds what it needs
+    gc.collect()
+    [first] = _reaped(lane, 1)
+    assert first[3] == 0 and [item[0] for item in first[7]] == [2]
+    assert _reaped(lane, 1)[0][3] == 0
+    assert (tmp_path / "1.log").read_text() == "A=1\nB=caf\u00e9\nC=3\n"
+    assert (tmp_path / "2.log").read_text() == "A=1\nB=caf\u00e9\n"
+
+
+def test_a_bad_environ_or_base_is_refused_and_launches_nothing(lane, tmp_path):
+    with pytest.raises(TypeError):
+        spawn._launch.Environ(5)
+    with pytest.raises(ValueError):
+        spawn._launch.Environ([b"A=\0x"])
+    with pytest.raises(TypeError):
+        lane.start(1, 1, TRUE, ["true"], [], str(tmp_path / "1.log"), [b"A=1"])
+    with pytest.raises(TypeError):
+        lane.queue(0, 1, 1, TRUE, ["true"], [], str(tmp_path / "1.log"), "A=1")
+    assert len(lane) == 0 and not lane.drop(1) and not (tmp_path / "1.log").exists()
+
+
+def test_the_lane_s_launch_environment_is_the_task_environment(tmp_path):
+    """What the agent gives the lane (a base Environ shared by a label on a node, or a task's own
+    env) makes the environment :func:`task_env` describes, each variable once."""
+    from tests.test_runner import make_run
+
+    for env in (None, {"EXTRA": "x y", "PATH": "/opt/x:/bin"}):
+        run = make_run(tmp_path, ["env"], env=env, attempt=3)
+        program, argv, entries, log, base = lane_args(run)
+        assert (base is None) == bool(env)
+        lane = spawn.new_lane()
+        lane.start(run.task, run.attempt, ENV, argv, entries, log, base)
+        assert _reaped(lane, 1)[0][3] == 0
+        lines = open(log).read().splitlines()
+        open(log, "w").close()
+        assert len(lines) == len(task_env(run)) and dict(line.split("=", 1) for line in lines) == task_env(run)
 
 
 def test_a_taken_attempt_leaves_with_its_pidfd_and_what_was_queued_behind_it_is_dropped(lane, tmp_path):
