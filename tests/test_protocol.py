@@ -58,7 +58,8 @@ def test_round_trip(message):
         assert type(getattr(back, name)) is type(value)
 
 
-@pytest.mark.parametrize("wire", [(), (999,), ("x",), None, (0, 1)])
+@pytest.mark.parametrize("wire", [(), (999,), ("x",), None, (0, 1), (-1, "tag"), ([1], 2),
+                                  (7, 4, 2, 1, 99, 0, None, 10.5, 11.25, 0.0, 0.002, "/l/t4.2.log")])
 def test_bad_wire_is_rejected(wire):
     with pytest.raises(ValueError):
         from_wire(wire)
