@@ -25,6 +25,10 @@ Printed per loop (median over rounds): launches/s, the parent's own CPU in micro
 launch (the launcher's overhead: Python, syscalls; the child's exec is not in it) and the
 children's CPU per launch (Popen's parent opens the log, the spawned children open their own).
 The ratios runner/native and agent/native are what each adds to the floor.
+
+Last, the CPU of queueing a launch in the lane (``Lane.queue``, then ``drop``; nothing is
+launched) with this environment: its entries given whole, converted at every call, against the
+agent's way, a base ``Environ`` converted once and the task's own two entries.
 """
 
 from __future__ import annotations
@@ -211,6 +215,34 @@ def main() -> None:
     print(f"runner / native: rate {runner[0] / floor[0]:.2f}, own CPU {runner[1] / floor[1]:.2f}; "
           f"agent / native: rate {agent[0] / floor[0]:.2f}, own CPU {agent[1] / floor[1]:.2f}; "
           f"runner / popen: rate {runner[0] / popen[0]:.2f}, own CPU {runner[1] / popen[1]:.2f}")
+    costs = queue_costs()
+    if costs is not None:
+        whole, base = costs
+        print(f"lane queue + drop, {len(os.environ)} variables: converted each time {whole:.1f} us, "
+              f"with a base Environ {base:.1f} us (ratio {base / whole:.2f})")
+
+
+def queue_costs(count: int = 5000, rounds: int = 3) -> tuple[float, float] | None:
+    """CPU us per ``Lane.queue`` + ``drop`` of this process's environment: (entries given whole,
+    a base Environ); the least of ``rounds`` alternating runs. None without the native lane."""
+    from pilot import spawn
+
+    if not spawn.native_usable():
+        return None
+    lane, entries = spawn.new_lane(), bare_launch.env_entries()
+    own = [b"PILOT_TASK_ID=t1", b"PILOT_ATTEMPT=1"]
+    base = spawn._launch.Environ(entries)
+    cases = {"whole": lambda t: lane.queue(0, t, 1, "/bin/true", ["true"], entries + own, os.devnull),
+             "base": lambda t: lane.queue(0, t, 1, "/bin/true", ["true"], own, os.devnull, base)}
+    best = {name: float("inf") for name in cases}
+    for _ in range(rounds):
+        for name, queue in cases.items():
+            start = time.process_time()
+            for t in range(1, count + 1):
+                queue(t)
+                lane.drop(t)
+            best[name] = min(best[name], (time.process_time() - start) / count * 1e6)
+    return best["whole"], best["base"]
 
 
 if __name__ == "__main__":
