@@ -106,7 +106,6 @@ class Agent:
         self.fast: dict[int, tuple[RunTask, int | None]] = {}   # task -> its attempt in the lane, OOM count before
         self.lane_queued: set[int] = set()   # tasks the lane launches when what they wait for exits 0
         self._lane_ready = False   # its descriptor was readable: something there ended
-        self._oom_launched: int | None = None   # the OOM-kill count before _lane_reap's launches
         self._lane_fd = -1 if self.lane is None else self.lane.fileno()
         if self.lane is not None:
             self._epoll.register(self._lane_fd, select.EPOLLIN)
@@ -267,10 +266,10 @@ class Agent:
         # the wait that gathered some (an older count can only take another task's kill for this
         # one's, never miss this one's)
         if gathered:
-            self._oom_launched = oom_at_wait
+            oom_launched = oom_at_wait
             ended = gathered + self.lane.reap()
         else:
-            self._oom_launched = nodes.recent_oom_kill_count(OOM_READ_MAX_AGE)
+            oom_launched = nodes.recent_oom_kill_count(OOM_READ_MAX_AGE)
             ended = self.lane.reap()
         for task, attempt, pid, status, cpu_s, start, end, launched in ended:
             run, oom_before = self.fast.pop(task)
@@ -279,22 +278,25 @@ class Agent:
                 runner = Runner.adopted(run, self.watch, pid, -1, start, 0.0, oom_before)
                 self._report(runner.classify(status, cpu_s), now)   # what waits behind it starts from here
                 continue
+            lane_end = (launched, oom_launched)
             if self.send_wire is not None:
                 self.send_wire(succeeded_wire(task, attempt, run.node, start, end, cpu_s, run.log))
-                self._reported(task, launched)
+                self._reported(task, lane_end)
             else:
                 self._send_result(new_task_finished(task, attempt, run.node, Failure.NONE, 0, None, start, end,
-                                                    0.0, cpu_s, run.log), launched)
+                                                    0.0, cpu_s, run.log), lane_end)
         return bool(ended)
 
-    def _after_lane_end(self, run: RunTask, launched: tuple) -> None:
-        """``run`` waited for an attempt the lane reaped: it was launched then, or failed to,
-        or it starts now (it was not queued in the lane)."""
+    def _after_lane_end(self, run: RunTask, lane_end: tuple) -> None:
+        """``run`` waited for an attempt the lane reaped (``lane_end``: what the lane launched
+        behind it, and the OOM-kill count read before those launches): it was launched then, or
+        failed to, or it starts now (it was not queued in the lane)."""
         self.lane_queued.discard(run.task)   # the lane has forgotten it either way
+        launched, oom_before = lane_end
         for task, attempt, pid, start, error in launched:
             if task == run.task and attempt == run.attempt:
                 if pid:
-                    self._in_lane(run, pid, start, self._oom_launched)   # set by _lane_reap
+                    self._in_lane(run, pid, start, oom_before)
                 else:
                     runner = Runner(run, self.watch)
                     runner.start_time = start
@@ -375,23 +377,24 @@ class Agent:
                 return
         self._send_result(result)
 
-    def _send_result(self, result: TaskFinished, launched: tuple | None = None) -> None:
-        """Report an ended attempt, then begin what was queued behind it (``launched``: what the
-        lane launched behind it as it reaped it)."""
+    def _send_result(self, result: TaskFinished, lane_end: tuple | None = None) -> None:
+        """Report an ended attempt, then begin what was queued behind it (``lane_end``: for an
+        attempt the lane reaped, what it launched behind it then and the OOM-kill count those
+        launches count from; see :meth:`_after_lane_end`)."""
         self.send(result)
-        self._reported(result.task, launched)
+        self._reported(result.task, lane_end)
 
-    def _reported(self, task: int, launched: tuple | None) -> None:
+    def _reported(self, task: int, lane_end: tuple | None) -> None:
         """``task``'s end is reported: begin what was queued behind it (see :meth:`_send_result`)."""
         self.unreported.discard(task)
         behind = self.waiting.pop(task, ())
         if not behind:
             self.urgent = True   # its slot is free for rank 0 to fill
         for run in behind:
-            if launched is None:
+            if lane_end is None:
                 self._begin(run)
             else:
-                self._after_lane_end(run, launched)
+                self._after_lane_end(run, lane_end)
 
     def _release_held(self, now: float) -> bool:
         if not self.held:
