@@ -1,7 +1,7 @@
 """Dispatch throughput: null tasks (`true`) through `pilot run` under mpiexec with K agents,
 against bare loops that spawn the same tasks with the same concurrency, in the same run.
 
-    .venv/bin/python benchmarks/bench_dispatch.py [--tasks 3000] [--agents 2] [--cores 2] [--rounds 3]
+    .venv/bin/python benchmarks/bench_dispatch.py [--tasks 3000] [--agents 2] [--cores 2] [--rounds 8]
 
 Concurrency is agents x cores (every agent rank is an emulated node of `cores` cores; with
 ``--shared-node`` the agents are ranks of one node of `cores` cores). Each round runs, one after
@@ -328,10 +328,12 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--agents", type=int, default=2)
     parser.add_argument("--cores", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of every loop (medians are printed)")
+    parser.add_argument("--rounds", type=int, default=8, help="rounds of every loop (medians are printed; "
+                        "on a shared host rounds differ by 10-20%%, and a median of 3 moves with them)")
     parser.add_argument("--slot-gap", action="store_true", help="sleep 0.1 tasks: time a freed slot waits")
-    parser.add_argument("--dir", default=None, help="where the runs and their task logs go (default: the "
-                        "system's temporary folder; /dev/shm takes the file system out of the figures)")
+    parser.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
+                        help="where the runs and their task logs go (default /dev/shm, which takes the file "
+                        "system out of the figures, else the system's temporary folder)")
     parser.add_argument("--pilot-option", action="append", default=[], metavar="OPT",
                         help="pass OPT to `pilot run` (repeat; e.g. --pilot-option=--queue-ahead=0)")
     parser.add_argument("--without-lane", action="store_true", help="each round also runs the pilot with "
