@@ -26,6 +26,36 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
         time.sleep(interval)
 
 
+HYDRA_TOPOLOGY = "/tmp/hydra_hwloc_xmlfile_"   # MPICH's hydra_pmi_proxy writes one per job
+
+
+def hydra_topology_files(pids) -> set[str]:
+    """The topology files that processes among ``pids`` (MPICH's hydra_pmi_proxy) hold open in
+    /tmp. The proxy removes its own as it exits; a test that SIGKILLs it removes them itself."""
+    found = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue   # gone already
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(HYDRA_TOPOLOGY):
+                found.add(target)
+    return found
+
+
+def mpiexec_job(mpiexec: int) -> list[int]:
+    """mpiexec, its hydra proxies (its children) and their children, the ranks."""
+    from pilot.runner import _children
+
+    proxies = _children("/proc", mpiexec)
+    return [mpiexec, *proxies, *(rank for proxy in proxies for rank in _children("/proc", proxy))]
+
+
 def mpi_env(**extra) -> dict:
     """Environment for child mpiexec runs: fork launcher, no busy-polling progress engine."""
     env = dict(os.environ)
