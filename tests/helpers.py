@@ -26,34 +26,31 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
         time.sleep(interval)
 
 
-HYDRA_TOPOLOGY = "/tmp/hydra_hwloc_xmlfile_"   # MPICH's hydra_pmi_proxy writes one per job
+HYDRA_TOPOLOGY = "/tmp/hydra_hwloc_xmlfile_"   # MPICH's hydra_pmi_proxy keeps one per job
 
 
-def hydra_topology_files(pids) -> set[str]:
-    """The topology files that processes among ``pids`` (MPICH's hydra_pmi_proxy) hold open in
-    /tmp. The proxy removes its own as it exits; a test that SIGKILLs it removes them itself."""
-    found = set()
-    for pid in pids:
+def hydra_topology_files() -> set[str]:
+    """The topology files of MPICH jobs in /tmp. A proxy holds its own open while its job runs
+    and removes it as it exits; one that was SIGKILLed leaves it behind."""
+    return {str(p) for p in Path("/tmp").glob(Path(HYDRA_TOPOLOGY).name + "*")}
+
+
+def open_anywhere(paths: set[str]) -> set[str]:
+    """Those of ``paths`` that some process holds open."""
+    held = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
         try:
-            fds = os.listdir(f"/proc/{pid}/fd")
+            fds = os.listdir(fd_dir)
         except OSError:
-            continue   # gone already
+            continue   # gone, or not ours to read
         for fd in fds:
             try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                target = os.readlink(fd_dir / fd)
             except OSError:
                 continue
-            if target.startswith(HYDRA_TOPOLOGY):
-                found.add(target)
-    return found
-
-
-def mpiexec_job(mpiexec: int) -> list[int]:
-    """mpiexec, its hydra proxies (its children) and their children, the ranks."""
-    from pilot.runner import _children
-
-    proxies = _children("/proc", mpiexec)
-    return [mpiexec, *proxies, *(rank for proxy in proxies for rank in _children("/proc", proxy))]
+            if target in paths:
+                held.add(target)
+    return held
 
 
 def mpi_env(**extra) -> dict:

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.helpers import MPIEXEC, hydra_topology_files, mpi_env, wait_for  # noqa: E402
+from tests.helpers import MPIEXEC, mpi_env, wait_for  # noqa: E402
 
 WINDOW = 0.05
 PACE = 0.03   # real seconds per simulated completion, so that kills land mid-run
@@ -268,14 +268,13 @@ def freeze_tree(root_pid: int) -> list:
 
 def kill_everything(job: subprocess.Popen) -> set[str]:
     """Freeze the job and every descendant (tasks run in their own sessions), then SIGKILL them
-    all by pid; returns the /dev/shm files its ranks had mapped. The topology file that
-    MPICH's proxy keeps in /tmp while the job runs (and removes as it exits) is removed here."""
+    all by pid; returns the /dev/shm files its ranks had mapped."""
     import psutil
 
     if job.poll() is not None:
         return set()
     procs = freeze_tree(job.pid)
-    shm, hydra = set(), hydra_topology_files(p.pid for p in procs)
+    shm = set()
     for proc in procs:
         try:
             shm.update(m.path for m in proc.memory_maps() if m.path.startswith("/dev/shm/"))
@@ -291,8 +290,6 @@ def kill_everything(job: subprocess.Popen) -> set[str]:
         if proc.pid != job.pid:
             wait_for(lambda: not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE, 30,
                      what="killed task")
-    for path in hydra:
-        Path(path).unlink(missing_ok=True)
     return shm
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import MPIEXEC, ROOT, hydra_topology_files, mpi_env, mpiexec_job, wait_for
+from tests.helpers import MPIEXEC, ROOT, mpi_env, wait_for
 from tests.test_master import (PACKING_EDGES, PACKING_IDS, assert_exactly_once, assert_oom_retried, assert_order,
                                peak_memory_by_node, read_records, workflow)
 from tests.test_runner import ensure_payload, pid_gone
@@ -346,6 +346,14 @@ def _orphan_workflow(tmp_path: Path) -> Path:
     return wf
 
 
+def _mpiexec_proxy_and_ranks(mpiexec: int) -> list[int]:
+    """mpiexec, its hydra proxies (its children) and their children, the ranks."""
+    from pilot.runner import _children
+
+    proxies = _children("/proc", mpiexec)
+    return [mpiexec, *proxies, *(rank for proxy in proxies for rank in _children("/proc", proxy))]
+
+
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_a_restart_kills_what_tasks_of_a_killed_run_left_running(tmp_path, ranks):
     """kill -9 of every pilot process (mpiexec and the ranks): the task's shell dies with its agent
@@ -362,13 +370,9 @@ def test_a_restart_kills_what_tasks_of_a_killed_run_left_running(tmp_path, ranks
         with open(f"/proc/{orphan}/environ", "rb") as f:
             assert b"\0PILOT_RUN=" in b"\0" + f.read()
         shell = _parent(orphan)
-        job = mpiexec_job(proc.pid)
-        topology = hydra_topology_files(job)
-        for pid in job:   # hydra puts each in a session of its own
+        for pid in _mpiexec_proxy_and_ranks(proc.pid):   # hydra puts each in a session of its own
             os.kill(pid, signal.SIGKILL)
         proc.wait()
-        for path in topology:   # the killed proxy's, which it would have removed as it exited
-            Path(path).unlink(missing_ok=True)
         wait_for(lambda: pid_gone(shell), 10, what="the task's shell gone")
         assert not pid_gone(orphan), "the background sleep should outlive the killed run"
 

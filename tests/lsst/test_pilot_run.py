@@ -20,7 +20,7 @@ pytest.importorskip("lsst.ctrl.mpexec", reason="the Rubin middleware needs Pytho
 
 from pilot.commands import run as run_command  # noqa: E402
 from pilot.lsst.testing_tasks import FAIL_ENV  # noqa: E402
-from tests.helpers import MPIEXEC, ROOT, hydra_topology_files, mpi_env, mpiexec_job, wait_for  # noqa: E402
+from tests.helpers import MPIEXEC, ROOT, mpi_env, wait_for  # noqa: E402
 from tests.lsst.checks import check_outputs, read_outputs  # noqa: E402
 from tests.test_runner import pid_gone  # noqa: E402
 
@@ -116,11 +116,8 @@ def test_kill_minus_9_then_resume_registers_everything_once(test_repo, tmp_path)
         wait_for(lambda: quanta_done(tmp_path) >= 10 or proc.poll() is not None, 300, what="10 quanta done")
         assert proc.poll() is None, "the run ended before it could be killed"
     finally:
-        topology = hydra_topology_files(mpiexec_job(proc.pid))
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        for path in topology:   # the killed proxy's, which it would have removed as it exited
-            Path(path).unlink(missing_ok=True)
     # What outlived the killed run (quanta running then: a warm quantum does not die with its
     # agent); the restart must end it before it runs anything (pilot.leftovers).
     left = processes_using(str(test_repo.repo))
