@@ -147,7 +147,7 @@ def _decoder(cls):
     members (calling the enum costs 10 times more). Half the cost of slicing the tuple and calling
     a maker with it, for a message decoded once per task on each side."""
     names, enums = _NAMES[cls], dict(_ENUMS[cls])
-    scope = {"new": object.__new__, "cls": cls, "ValueError": ValueError}
+    scope = {"new": object.__new__, "cls": cls}
     check = (f"    if len(wire) != {len(names) + 1}:\n"
              f"        raise ValueError(f'{cls.__name__} needs {len(names)} fields, got {{len(wire) - 1}}')\n")
     if not plain(cls):
